@@ -1,0 +1,130 @@
+"""The fedsilo ClientApp: one institution's DP-SGD training and local evaluation."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import TensorDataset
+
+from fedsilo.client import privacy
+from fedsilo.client.train import train_plain, train_private
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
+from fedsilo.common.logs import configure_logging
+from fedsilo.common.model import (
+    get_trainable_state,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    set_trainable_state,
+)
+from fedsilo.common.task import encode, evaluate, federation_labels
+from fedsilo.common.wire import INSTITUTION_KEY, array_record_bytes
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=2)
+def _prepared(
+    cfg: FedsiloConfig, partition: tuple[int, int] | None, name: str
+) -> tuple[InstitutionData, TensorDataset, TensorDataset]:
+    """Load and tokenise this institution's data once per process."""
+    if partition is not None:
+        data = simulated_institution(cfg.data, cfg.train.seed, *partition)
+    else:
+        data = local_institution(cfg.data, name, cfg.train.seed)
+    labels = federation_labels(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    train_set = encode(tokenizer, data.train, labels, cfg.model.max_length)
+    test_set = encode(tokenizer, data.test, labels, cfg.model.max_length)
+    return data, train_set, test_set
+
+
+def _setup(msg: Message, context: Context):  # noqa: ANN202 - internal tuple
+    configure_logging()
+    cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
+    node = context.node_config
+    if "partition-id" in node:
+        partition = (int(node["partition-id"]), int(node["num-partitions"]))
+        name = ""
+    else:
+        partition, name = None, str(node.get("institution", f"node-{context.node_id}"))
+    data, train_set, test_set = _prepared(cfg, partition, name)
+    model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
+    set_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+    return cfg, data, train_set, test_set, model
+
+
+def _reply(msg: Message, name: str, metrics: dict[str, float], arrays: ArrayRecord | None):
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), INSTITUTION_KEY: ConfigRecord({"name": name})}
+    )
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global tensors locally and reply with the update."""
+    cfg, data, train_set, _, model = _setup(msg, context)
+    device = resolve_device(cfg.model.device)
+    n = len(train_set)
+    metrics: dict[str, float] = {"num-examples": n}
+    if cfg.privacy.dp:
+        delta = cfg.privacy.target_delta or privacy.default_delta(n)
+        dp_plan = privacy.plan(
+            num_examples=n,
+            batch_size=cfg.train.batch_size,
+            local_epochs=cfg.train.local_epochs,
+            num_rounds=cfg.federation.num_rounds,
+            target_epsilon=cfg.privacy.target_epsilon,
+            delta=delta,
+            accountant=cfg.privacy.accountant,
+        )
+        accountant = privacy.restore_accountant(
+            context.state.config_records.get(privacy.STATE_KEY), cfg.privacy.accountant
+        )
+        privacy.check_budget(accountant, dp_plan)
+        result = train_private(model, train_set, cfg, dp_plan, accountant, device)
+        context.state[privacy.STATE_KEY] = privacy.accountant_record(accountant)
+        epsilon = privacy.spent_epsilon(accountant, delta)
+        metrics |= {
+            "epsilon": epsilon,
+            "delta": delta,
+            "noise-multiplier": dp_plan.noise_multiplier,
+            "sample-rate": dp_plan.sample_rate,
+        }
+    else:
+        log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee", data.name)
+        result = train_plain(model, train_set, cfg, device)
+        metrics |= {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0,
+                    "sample-rate": 0.0}
+    metrics |= {"train-loss": result.loss, "steps": result.steps}
+    arrays = ArrayRecord(get_trainable_state(model))
+    log.info(
+        "%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
+        data.name, result.steps, n, result.loss, metrics["epsilon"], array_record_bytes(arrays),
+    )
+    return _reply(msg, data.name, metrics, arrays)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Evaluate the received global tensors on the institution's held-out data."""
+    cfg, data, _, test_set, model = _setup(msg, context)
+    res = evaluate(model.to(resolve_device(cfg.model.device)), test_set,
+                   resolve_device(cfg.model.device))
+    metrics = {
+        "num-examples": res.num_examples,
+        "loss": res.loss,
+        "accuracy": res.accuracy,
+        "macro-f1": res.macro_f1,
+    }
+    return _reply(msg, data.name, metrics, None)

@@ -1,0 +1,115 @@
+"""Local training of one round: Opacus DP-SGD (default) or plain SGD when DP is off."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants.accountant import IAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedsilo.client.privacy import DPPlan
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.model import forward_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a round of local training produced."""
+
+    loss: float
+    steps: int
+
+
+def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def _run_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    epochs: int,
+    device: torch.device,
+) -> TrainResult:
+    total, count, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for input_ids, mask, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            # An empty Poisson batch still takes a (pure-noise) step, as Opacus accounts.
+            logits = forward_logits(model, input_ids.to(device), mask.to(device))
+            loss = criterion(logits, y.to(device))
+            loss.backward()
+            optimizer.step()
+            if len(y):
+                total += float(loss.detach()) * len(y)
+                count += len(y)
+            steps += 1
+    return TrainResult(loss=total / max(count, 1), steps=steps)
+
+
+def train_private(
+    model: nn.Module,
+    dataset: TensorDataset,
+    cfg: FedsiloConfig,
+    dp_plan: DPPlan,
+    accountant: IAccountant,
+    device: torch.device,
+) -> TrainResult:
+    """Run the round's local epochs of DP-SGD; ``accountant`` records the steps.
+
+    ``model`` must be the unwrapped classifier; it is trained in place. The global
+    RNG is reseeded from the OS first so that the noise and the Poisson sampling are
+    not predictable from the run's (shared) seed.
+    """
+    torch.seed()
+    model.to(device).train()  # Opacus needs train mode before make_private
+    engine = PrivacyEngine(accountant=accountant.mechanism())
+    engine.accountant = accountant
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size)
+    criterion = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        wrapped = engine.make_private(
+            module=model,
+            optimizer=_optimizer(model, cfg.train.learning_rate),
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=dp_plan.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=cfg.privacy.grad_sample_mode,
+        )
+    if cfg.privacy.grad_sample_mode == "ghost":
+        dp_model, optimizer, dp_criterion, dp_loader = wrapped
+    else:
+        (dp_model, optimizer, dp_loader), dp_criterion = wrapped, criterion
+    try:
+        return _run_epochs(
+            dp_model, dp_loader, optimizer, dp_criterion, cfg.train.local_epochs, device
+        )
+    finally:
+        dp_model._close()  # remove Opacus hooks so `model` is a plain module again
+
+
+def train_plain(
+    model: nn.Module, dataset: TensorDataset, cfg: FedsiloConfig, device: torch.device
+) -> TrainResult:
+    """Run the round's local epochs without differential privacy."""
+    model.to(device).train()
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True)
+    return _run_epochs(
+        model,
+        loader,
+        _optimizer(model, cfg.train.learning_rate),
+        nn.CrossEntropyLoss(),
+        cfg.train.local_epochs,
+        device,
+    )

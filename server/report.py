@@ -1,0 +1,157 @@
+"""Per-round metrics of a run: progress lines and ``metrics.json``.
+
+``metrics.json`` (rewritten atomically after every round) has this schema::
+
+    {
+      "schema": "fedsilo.metrics/1",
+      "labels": [str, ...],                 # the federation's label map
+      "config": {flat settings},            # the run config actually used
+      "holdout_majority_rate": float|null,  # share of the largest class in the holdout
+      "status": "running" | "completed",
+      "rounds": [
+        {
+          "round": int,                     # 0 = the initial model
+          "train_loss": float|null,         # example-weighted mean of local losses
+          "federated_eval": {"loss", "accuracy", "macro_f1", "num_examples"}|null,
+          "centralized_eval": {"loss", "accuracy", "macro_f1", "num_examples"}|null,
+          "bytes_received": int,            # update payload bytes, all institutions
+          "institutions": {
+            name: {"num_examples", "train_loss", "epsilon" (cumulative; null = DP
+                   off), "delta", "noise_multiplier", "sample_rate", "steps",
+                   "bytes_received"}
+          },
+          "failures": [str, ...],           # errors institutions replied with
+          "seconds": float                  # wall time of the round
+        }, ...
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, MetricRecord
+
+from fedsilo.common.task import EvalResult
+from fedsilo.common.wire import INSTITUTION_KEY, array_record_bytes
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "fedsilo.metrics/1"
+
+
+def _eval_dict(metrics: MetricRecord | EvalResult | None) -> dict[str, float] | None:
+    if metrics is None:
+        return None
+    if isinstance(metrics, EvalResult):
+        return {"loss": metrics.loss, "accuracy": metrics.accuracy,
+                "macro_f1": metrics.macro_f1, "num_examples": metrics.num_examples}
+    return {k.replace("-", "_"): float(v) for k, v in metrics.items()}
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) or math.isnan(value) else value
+
+
+def institution_name(msg: Message) -> str:
+    """Name the sending institution (its ConfigRecord, else its node id)."""
+    record = msg.content.config_records.get(INSTITUTION_KEY)
+    return str(record["name"]) if record else f"node-{msg.metadata.src_node_id}"
+
+
+class RunReport:
+    """Collects what each round produced and writes it to ``output_dir``."""
+
+    def __init__(self, output_dir: Path, labels: list[str], config: dict[str, Any],
+                 num_rounds: int) -> None:
+        self.path = output_dir / "metrics.json"
+        self.num_rounds = num_rounds
+        self.doc: dict[str, Any] = {
+            "schema": SCHEMA, "labels": labels, "config": config,
+            "holdout_majority_rate": None, "status": "running", "rounds": [],
+        }
+        self._started = time.monotonic()
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        rounds = self.doc["rounds"]
+        if not rounds or rounds[-1]["round"] != server_round:
+            rounds.append({"round": server_round, "train_loss": None, "federated_eval": None,
+                           "centralized_eval": None, "bytes_received": 0,
+                           "institutions": {}, "failures": [], "seconds": 0.0})
+        return rounds[-1]
+
+    def record_train(self, server_round: int, replies: list[Message]) -> None:
+        """Record each institution's training reply (ε, δ, size) or its error."""
+        entry = self._round(server_round)
+        for msg in replies:
+            name = institution_name(msg)
+            if msg.has_error():
+                entry["failures"].append(f"{name}: {msg.error.reason}")
+                continue
+            m = msg.content["metrics"]
+            size = sum(array_record_bytes(r) for r in msg.content.array_records.values())
+            entry["bytes_received"] += size
+            entry["institutions"][name] = {
+                "num_examples": int(m["num-examples"]), "train_loss": float(m["train-loss"]),
+                "epsilon": _finite(float(m["epsilon"])), "delta": float(m["delta"]),
+                "noise_multiplier": float(m["noise-multiplier"]),
+                "sample_rate": float(m["sample-rate"]), "steps": int(m["steps"]),
+                "bytes_received": size,
+            }
+        stats = entry["institutions"].values()
+        total = sum(s["num_examples"] for s in stats)
+        if total:
+            entry["train_loss"] = sum(s["train_loss"] * s["num_examples"] for s in stats) / total
+
+    def record_federated_eval(self, server_round: int, metrics: MetricRecord | None) -> None:
+        """Record the example-weighted mean of the institutions' local evaluations."""
+        self._round(server_round)["federated_eval"] = _eval_dict(metrics)
+
+    def record_centralized_eval(self, server_round: int, result: EvalResult | None) -> None:
+        """Record the coordinator's evaluation on its held-out set."""
+        self._round(server_round)["centralized_eval"] = _eval_dict(result)
+
+    def finish_round(self, server_round: int) -> None:
+        """Log the round's progress line and persist ``metrics.json``."""
+        entry = self._round(server_round)
+        entry["seconds"] = round(time.monotonic() - self._started, 2)
+        self._started = time.monotonic()
+        log.info("%s", self.progress_line(entry))
+        self.write()
+
+    def progress_line(self, entry: dict[str, Any]) -> str:
+        """One human-readable line for a finished round."""
+        parts = [f"round {entry['round']}/{self.num_rounds}"]
+        if entry["train_loss"] is not None:
+            parts.append(f"train loss {entry['train_loss']:.4f}")
+        for label, key in (("eval", "centralized_eval"), ("fed-eval", "federated_eval")):
+            if entry[key]:
+                parts.append(f"{label} acc {entry[key]['accuracy']:.3f} "
+                             f"macro-F1 {entry[key]['macro_f1']:.3f}")
+        eps = [f"{n} {s['epsilon']:.2f}" if s["epsilon"] is not None else f"{n} no-DP"
+               for n, s in sorted(entry["institutions"].items())]
+        if eps:
+            parts.append("ε " + ", ".join(eps))
+        if entry["failures"]:
+            parts.append(f"{len(entry['failures'])} failed")
+        parts.append(f"{entry['seconds']:.0f}s")
+        return " | ".join(parts)
+
+    def complete(self) -> None:
+        """Mark the run as completed and persist."""
+        self.doc["status"] = "completed"
+        self.write()
+
+    def write(self) -> None:
+        """Atomically replace ``metrics.json`` with the current state."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.doc, indent=2, allow_nan=False), "utf-8")
+        os.replace(tmp, self.path)

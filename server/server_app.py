@@ -1,0 +1,88 @@
+"""The fedsilo ServerApp: aggregate institutions' updates, evaluate, save the model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.data import TextRecords, load_records
+from fedsilo.common.datasets import split_holdout
+from fedsilo.common.logs import configure_logging
+from fedsilo.common.metrics import majority_rate
+from fedsilo.common.model import (
+    get_trainable_state,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    set_trainable_state,
+)
+from fedsilo.common.task import encode, evaluate, federation_labels
+from fedsilo.server.outputs import save_model
+from fedsilo.server.report import RunReport
+from fedsilo.server.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def _holdout(cfg: FedsiloConfig) -> TextRecords | None:
+    """The coordinator's held-out records, or None when it has none."""
+    if cfg.data.eval_data:
+        return load_records(cfg.data.eval_data, cfg.data.text_column, cfg.data.label_column)
+    if cfg.data.holdout_fraction > 0:
+        return split_holdout(cfg.data, cfg.train.seed)[1]
+    return None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the configured rounds and write the model and ``metrics.json``."""
+    configure_logging()
+    cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
+    out = Path(cfg.federation.output_dir).expanduser().resolve()
+    labels = federation_labels(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, labels, cfg.train.seed)
+    device = resolve_device(cfg.model.device)
+    report = RunReport(out, list(labels.names), cfg.to_flat(), cfg.federation.num_rounds)
+
+    holdout = _holdout(cfg)
+    eval_set = None
+    if holdout is not None:
+        eval_set = encode(tokenizer, holdout, labels, cfg.model.max_length)
+        report.doc["holdout_majority_rate"] = majority_rate(eval_set.tensors[2].numpy())
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        result = None
+        if eval_set is not None:
+            set_trainable_state(model, arrays.to_torch_state_dict())
+            result = evaluate(model.to(device), eval_set, device)
+        report.record_centralized_eval(server_round, result)
+        report.finish_round(server_round)
+        if result is None:
+            return None
+        return MetricRecord({"loss": result.loss, "accuracy": result.accuracy,
+                             "macro-f1": result.macro_f1})
+
+    log.info("fedsilo run: %d rounds, %d labels, trainable=%s, DP %s, output %s",
+             cfg.federation.num_rounds, labels.num_labels, cfg.model.trainable,
+             f"on (target ε={cfg.privacy.target_epsilon})" if cfg.privacy.dp else "OFF", out)
+    result = build_strategy(cfg.federation, report).start(
+        grid=grid,
+        initial_arrays=ArrayRecord(get_trainable_state(model)),
+        num_rounds=cfg.federation.num_rounds,
+        timeout=cfg.federation.round_timeout,
+        evaluate_fn=end_of_round,
+    )
+    if not any(r["institutions"] for r in report.doc["rounds"]):
+        raise RuntimeError("no institution returned an update in any round; nothing to save "
+                           "(see the failures in metrics.json)")
+    set_trainable_state(model, result.arrays.to_torch_state_dict())
+    save_model(model, tokenizer, out / "model")
+    report.complete()
+    log.info("saved the global model to %s and metrics to %s", out / "model", report.path)

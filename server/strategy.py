@@ -1,0 +1,64 @@
+"""Aggregation strategies that also report every institution's reply."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+
+from fedsilo.common.config import FederationConfig
+from fedsilo.server.report import RunReport
+
+
+def _mean_train_loss(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of ``train-loss`` (ε and δ are per institution, not averaged)."""
+    weights = [float(r["metrics"][weight_key]) for r in records]
+    losses = [float(r["metrics"]["train-loss"]) for r in records]
+    total = sum(weights)
+    return MetricRecord({"train-loss": sum(w * x for w, x in zip(weights, losses, strict=True))
+                         / total})
+
+
+class _Reporting:
+    """Mixin: feed train and evaluate replies to a :class:`RunReport`."""
+
+    def __init__(self, *, report: RunReport, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+        self.report = report
+
+    def aggregate_train(self, server_round: int, replies: Iterable) -> tuple[
+        ArrayRecord | None, MetricRecord | None
+    ]:
+        replies = list(replies)
+        self.report.record_train(server_round, replies)
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
+        self.report.record_federated_eval(server_round, metrics)
+        return metrics
+
+
+class ReportingFedAvg(_Reporting, FedAvg):
+    """FedAvg weighted by examples, reporting each institution."""
+
+
+class ReportingFedAdam(_Reporting, FedAdam):
+    """FedAdam (server-side Adam on the averaged update), reporting each institution."""
+
+
+def build_strategy(cfg: FederationConfig, report: RunReport) -> Strategy:
+    """Create the configured strategy."""
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_train,
+        "min_train_nodes": cfg.min_train,
+        "min_evaluate_nodes": cfg.min_train,
+        "min_available_nodes": cfg.min_available,
+        "train_metrics_aggr_fn": _mean_train_loss,
+        "report": report,
+    }
+    if cfg.strategy == "fedadam":
+        return ReportingFedAdam(**common, eta=cfg.server_learning_rate)
+    return ReportingFedAvg(**common)
