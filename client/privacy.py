@@ -8,6 +8,7 @@ round, so the ε reported is cumulative, never per round.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class DPPlan:
     delta: float
 
 
+@functools.lru_cache(maxsize=16)
 def plan(
     *,
     num_examples: int,
@@ -57,7 +59,8 @@ def plan(
 
     Poisson sampling with expected batch ``batch_size`` gives sample rate
     ``1 / ceil(n / batch_size)`` and that many steps per epoch (as Opacus's
-    ``DPDataLoader`` does).
+    ``DPDataLoader`` does). Calibration is a binary search over the accountant
+    (seconds), so results are cached per process.
     """
     steps_per_epoch = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / steps_per_epoch

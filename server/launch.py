@@ -88,8 +88,9 @@ class SuperLink:
         """Environment for Flower processes that talk to this SuperLink."""
         # The SuperLink starts further Flower executables by name: put ours first.
         path = os.pathsep.join([str(_BIN), os.environ.get("PATH", "")])
+        # RAY_DEDUP_LOGS=0: every institution's own line reaches the log in simulations.
         return {**os.environ, "PATH": path, "FLWR_HOME": str(self.home),
-                "FLWR_DISABLE_UPDATE_CHECK": "1"}
+                "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0"}
 
     @property
     def log_file(self) -> Path:

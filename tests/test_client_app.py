@@ -1,0 +1,88 @@
+import logging
+import math
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
+
+from fedsilo.client import client_app
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.model import get_trainable_state, load_model, trainable_names
+from fedsilo.common.task import federation_labels
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages are created inside a Flower task; pretend to be one."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+@pytest.fixture
+def cfg(tiny_bert):
+    return FedsiloConfig.from_flat({
+        "model": str(tiny_bert), "trainable": "top-k", "top-k": 1, "max-examples": 120,
+        "batch-size": 20, "num-rounds": 3, "target-epsilon": 5.0, "holdout-fraction": 0.0,
+        "partition": "iid", "max-length": 16,
+    })
+
+
+def _context(cfg, state=None):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                   state=state or RecordDict(), run_config=cfg.to_flat())
+
+
+def _message(cfg, kind):
+    model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
+    content = RecordDict({"arrays": ArrayRecord(get_trainable_state(model)),
+                          "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type=kind), trainable_names(model)
+
+
+def test_train_replies_only_trainable_tensors_and_cumulative_epsilon(cfg):
+    context = _context(cfg)
+    eps = []
+    for _ in range(2):
+        msg, names = _message(cfg, "train")
+        reply = client_app.train(msg, context)
+        assert list(reply.content["arrays"].keys()) == names
+        assert not any(k.startswith("_module.") for k in names)
+        m = reply.content["metrics"]
+        assert m["num-examples"] == 120 and m["steps"] == 6
+        assert reply.content["institution"]["name"] == "institution-1"
+        eps.append(m["epsilon"])
+        sigma, rate, delta = m["noise-multiplier"], m["sample-rate"], m["delta"]
+    # The ε reported after k rounds is what Opacus's accountant gives for k rounds' steps.
+    for k, value in enumerate(eps, start=1):
+        acc = RDPAccountant()
+        acc.history = [(sigma, rate, 6 * k)]
+        assert value == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+    assert eps[0] < eps[1] < 5.0
+    assert delta < 1 / 120
+
+
+def test_train_declines_when_the_budget_is_spent(cfg):
+    context = _context(cfg)
+    for _ in range(3):
+        client_app.train(_message(cfg, "train")[0], context)
+    with pytest.raises(Exception, match="above the target 5.0"):
+        client_app.train(_message(cfg, "train")[0], context)
+
+
+def test_dp_off_is_explicit_and_warned(cfg, caplog):
+    plain = cfg.replace(dp=False)
+    with caplog.at_level(logging.WARNING, logger="fedsilo"):
+        logging.getLogger("fedsilo").propagate = True
+        try:
+            reply = client_app.train(_message(plain, "train")[0], _context(plain))
+        finally:
+            logging.getLogger("fedsilo").propagate = False
+    assert math.isinf(reply.content["metrics"]["epsilon"])
+    assert any("DP is OFF" in r.message for r in caplog.records)
+
+
+def test_evaluate_reports_local_held_out_metrics(cfg):
+    reply = client_app.evaluate_local(_message(cfg, "evaluate")[0], _context(cfg))
+    m = reply.content["metrics"]
+    assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro-f1"] <= 1
+    assert m["num-examples"] > 0 and "arrays" not in reply.content
