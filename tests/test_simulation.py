@@ -1,0 +1,80 @@
+"""End to end: the simulation script, as a user runs it, with real Flower processes."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import pipeline
+
+from fedsilo.common.data import load_records
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "simulations" / "run_simulation.py"
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def hospital_csv(tmp_path_factory) -> Path:
+    """ICD-10 descriptions from two 'hospitals', naturally split by a column."""
+    icd = load_records("icd10")
+    path = tmp_path_factory.mktemp("data") / "diagnoses.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["description", "chapter", "institution"])
+        for i in range(0, len(icd), 45):  # ~800 rows spread over all chapters
+            writer.writerow([icd.texts[i], icd.labels[i], f"hospital-{'ab'[i % 2]}"])
+    return path
+
+
+@pytest.mark.slow
+def test_two_institution_dp_federation_end_to_end(tiny_bert, hospital_csv, tmp_path):
+    out = tmp_path / "run"
+    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_bert),
+                "--data", str(hospital_csv), "--text-column", "description",
+                "--label-column", "chapter", "--partition", "column",
+                "--learning-rate", "0.01", "--batch-size", "32", "--target-epsilon", "6",
+                "--holdout-fraction", "0.2", "--output-dir", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for r in (0, 1, 2):
+        assert f"round {r}/2" in done.stdout  # one progress line per round
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["config"]["dp"] is True
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[2]["centralized_eval"]["loss"] < rounds[0]["centralized_eval"]["loss"]
+    assert rounds[2]["train_loss"] < rounds[1]["train_loss"]
+    for r in rounds[1:]:
+        assert set(r["institutions"]) == {"hospital-a", "hospital-b"}
+        assert r["bytes_received"] == sum(i["bytes_received"] for i in r["institutions"].values())
+        for inst in r["institutions"].values():
+            assert 0 < inst["epsilon"] <= 6.0 and 0 < inst["delta"] < 1 / inst["num_examples"]
+    eps = [rounds[k]["institutions"]["hospital-a"]["epsilon"] for k in (1, 2)]
+    assert eps[0] < eps[1]  # cumulative, not per round
+
+    classify = pipeline("text-classification", model=str(out / "model"), device="cpu")
+    prediction = classify("Fracture of left femur")[0]
+    assert prediction["label"] in metrics["labels"]
+    assert (out / "run.log").stat().st_size > 0
+
+
+def test_bad_flag_value_exits_2_naming_the_flag(tmp_path):
+    done = _run("--target-epsilon", "-3", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--target-epsilon" in done.stderr
+
+
+def test_label_outside_the_federation_map_fails_before_any_process(hospital_csv, tmp_path):
+    done = _run("--data", str(hospital_csv), "--text-column", "description",
+                "--label-column", "chapter", "--labels", '["Neoplasms (C00-D49)"]',
+                "--partition", "column", "--institutions", "2", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "diagnoses.csv" in done.stderr and "Injury" in done.stderr
+    assert not (tmp_path / "outputs").exists()
