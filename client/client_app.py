@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
+from transformers import PreTrainedModel
 
 from fedsilo.client import privacy
 from fedsilo.client.train import train_plain, train_private
@@ -46,7 +49,20 @@ def _prepared(
     return data, train_set, test_set
 
 
-def _setup(msg: Message, context: Context):  # noqa: ANN202 - internal tuple
+@dataclass(frozen=True)
+class _Task:
+    """Everything one train/evaluate message works with."""
+
+    cfg: FedsiloConfig
+    data: InstitutionData
+    train_set: TensorDataset
+    test_set: TensorDataset
+    model: PreTrainedModel
+    device: torch.device
+
+
+def _setup(msg: Message, context: Context) -> _Task:
+    """Resolve settings, load this institution's data and the received global model."""
     configure_logging()
     cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
     node = context.node_config
@@ -58,10 +74,13 @@ def _setup(msg: Message, context: Context):  # noqa: ANN202 - internal tuple
     data, train_set, test_set = _prepared(cfg, partition, name)
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     set_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
-    return cfg, data, train_set, test_set, model
+    device = resolve_device(cfg.model.device)
+    return _Task(cfg, data, train_set, test_set, model.to(device), device)
 
 
-def _reply(msg: Message, name: str, metrics: dict[str, float], arrays: ArrayRecord | None):
+def _reply(
+    msg: Message, name: str, metrics: dict[str, float], arrays: ArrayRecord | None
+) -> Message:
     content = RecordDict(
         {"metrics": MetricRecord(metrics), INSTITUTION_KEY: ConfigRecord({"name": name})}
     )
@@ -73,9 +92,9 @@ def _reply(msg: Message, name: str, metrics: dict[str, float], arrays: ArrayReco
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global tensors locally and reply with the update."""
-    cfg, data, train_set, _, model = _setup(msg, context)
-    device = resolve_device(cfg.model.device)
-    n = len(train_set)
+    task = _setup(msg, context)
+    cfg, data, model, device = task.cfg, task.data, task.model, task.device
+    n = len(task.train_set)
     metrics: dict[str, float] = {"num-examples": n}
     if cfg.privacy.dp:
         delta = cfg.privacy.target_delta or privacy.default_delta(n)
@@ -92,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
             context.state.config_records.get(privacy.STATE_KEY), cfg.privacy.accountant
         )
         privacy.check_budget(accountant, dp_plan)
-        result = train_private(model, train_set, cfg, dp_plan, accountant, device)
+        result = train_private(model, task.train_set, cfg, dp_plan, accountant, device)
         context.state[privacy.STATE_KEY] = privacy.accountant_record(accountant)
         epsilon = privacy.spent_epsilon(accountant, delta)
         metrics |= {
@@ -103,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     else:
         log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee", data.name)
-        result = train_plain(model, train_set, cfg, device)
+        result = train_plain(model, task.train_set, cfg, device)
         metrics |= {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0,
                     "sample-rate": 0.0}
     metrics |= {"train-loss": result.loss, "steps": result.steps}
@@ -118,13 +137,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received global tensors on the institution's held-out data."""
-    cfg, data, _, test_set, model = _setup(msg, context)
-    res = evaluate(model.to(resolve_device(cfg.model.device)), test_set,
-                   resolve_device(cfg.model.device))
+    task = _setup(msg, context)
+    res = evaluate(task.model, task.test_set, task.device)
     metrics = {
         "num-examples": res.num_examples,
         "loss": res.loss,
         "accuracy": res.accuracy,
         "macro-f1": res.macro_f1,
     }
-    return _reply(msg, data.name, metrics, None)
+    return _reply(msg, task.data.name, metrics, None)
