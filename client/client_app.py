@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
 from fedsilo.client import privacy
+from fedsilo.client.policy import NAME_KEY, Policy, institution_config
 from fedsilo.client.train import train_plain, train_private
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
@@ -54,6 +55,7 @@ class _Task:
     """Everything one train/evaluate message works with."""
 
     cfg: FedsiloConfig
+    policy: Policy
     data: InstitutionData
     train_set: TensorDataset
     test_set: TensorDataset
@@ -66,16 +68,17 @@ def _setup(msg: Message, context: Context) -> _Task:
     configure_logging()
     cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
     node = context.node_config
-    if "partition-id" in node:
+    if "partition-id" in node:  # a virtual institution of a simulation
         partition = (int(node["partition-id"]), int(node["num-partitions"]))
-        name = ""
-    else:
-        partition, name = None, str(node.get("institution", f"node-{context.node_id}"))
+        name, policy = "", Policy()
+    else:  # a real institution: its node config holds its data and privacy policy
+        cfg, policy = institution_config(cfg, node)
+        partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     data, train_set, test_set = _prepared(cfg, partition, name)
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     set_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     device = resolve_device(cfg.model.device)
-    return _Task(cfg, data, train_set, test_set, model.to(device), device)
+    return _Task(cfg, policy, data, train_set, test_set, model.to(device), device)
 
 
 def _reply(
@@ -97,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     n = len(task.train_set)
     metrics: dict[str, float] = {"num-examples": n}
     if cfg.privacy.dp:
-        delta = cfg.privacy.target_delta or privacy.default_delta(n)
+        delta = task.policy.delta(cfg.privacy.target_delta, n)
         dp_plan = privacy.plan(
             num_examples=n,
             batch_size=cfg.train.batch_size,

@@ -94,8 +94,8 @@ class TrainConfig(_Section):
     """Local optimisation at each institution."""
 
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
-    batch_size: int = Field(64, ge=1, description="expected (Poisson) batch size")
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(256, ge=1, description="expected (Poisson) batch size")
+    learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate")
     seed: int = Field(42, description="seed for splits, initialisation and sampling")
 
 

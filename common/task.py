@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,11 @@ def federation_labels(cfg: FedsiloConfig) -> LabelMap:
         return LabelMap.from_names(icd10_label_names())
     records = load_records(cfg.data.data, cfg.data.text_column, cfg.data.label_column)
     return LabelMap.from_names(sorted(set(records.labels)))
+
+
+def freeze_labels(cfg: FedsiloConfig) -> FedsiloConfig:
+    """Write the federation's label map into the config, so every party uses it as is."""
+    return cfg.replace(labels=json.dumps(list(federation_labels(cfg).names)))
 
 
 def encode(

@@ -11,35 +11,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsilo.common.config import FedsiloConfig, toml_table
+from fedsilo.common.processes import BIN, child_env, free_port, stop_group, wait_for_port
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "fedsilo"
-_BIN = Path(sys.executable).parent
 
 
 class LaunchError(RuntimeError):
     """The SuperLink could not be started, or the run did not complete."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def write_thin_app(app_dir: Path, cfg: FedsiloConfig) -> Path:
@@ -86,11 +74,9 @@ class SuperLink:
     @property
     def env(self) -> dict[str, str]:
         """Environment for Flower processes that talk to this SuperLink."""
-        # The SuperLink starts further Flower executables by name: put ours first.
-        path = os.pathsep.join([str(_BIN), os.environ.get("PATH", "")])
         # RAY_DEDUP_LOGS=0: every institution's own line reaches the log in simulations.
-        return {**os.environ, "PATH": path, "FLWR_HOME": str(self.home),
-                "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0"}
+        return child_env(FLWR_HOME=str(self.home), FLWR_DISABLE_UPDATE_CHECK="1",
+                         RAY_DEDUP_LOGS="0")
 
     @property
     def log_file(self) -> Path:
@@ -109,23 +95,16 @@ class SuperLink:
         lines = [f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]']
         lines += [f"{k} = {json.dumps(v)}" for k, v in connection.items()]
         (self.home / "config.toml").write_text("\n".join(lines) + "\n", "utf-8")
-        cmd = [str(_BIN / "flower-superlink"), "--host", self.host, "--port", str(self.port),
+        cmd = [str(BIN / "flower-superlink"), "--host", self.host, "--port", str(self.port),
                "--log-file", str(self.log_file), *self.args]
         log.debug("starting %s", " ".join(cmd))
         self.process = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise LaunchError(f"flower-superlink exited with code {self.process.returncode}"
-                                  f"; see {self.log_file}:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise LaunchError(f"flower-superlink did not listen on {address} within {timeout:.0f}s")
+        try:
+            wait_for_port(self.process, self.port, timeout, "flower-superlink")
+        except RuntimeError as err:
+            self.stop()
+            raise LaunchError(f"{err}; see {self.log_file}:\n{self.log_tail()}") from None
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the SuperLink log (for error messages)."""
@@ -136,18 +115,11 @@ class SuperLink:
     def stop(self, grace: float = 15.0) -> None:
         """Stop the SuperLink and everything it started (its process group)."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace)
 
     def flwr(self, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this SuperLink."""
-        return subprocess.run([str(_BIN / "flwr"), *args], env=self.env, text=True,
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, text=True,
                               capture_output=capture, check=False, stdin=subprocess.DEVNULL)
 
     def submit(self, app_dir: Path, federation_config: list[str] | None = None) -> int:
@@ -165,7 +137,7 @@ class SuperLink:
 
     def follow(self, run_id: int, sink: Callable[[str], None]) -> None:
         """Pass each line of the run's log to ``sink`` until the run ends."""
-        cmd = [str(_BIN / "flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        cmd = [str(BIN / "flwr"), "log", str(run_id), CONNECTION, "--stream"]
         with subprocess.Popen(cmd, env=self.env, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               errors="replace") as proc:

@@ -390,7 +390,7 @@ def _pub_fingerprint(path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``fedsilo-provision --out DIR --host H --institution NAME ...``."""
-    parser = argparse.ArgumentParser(prog="fedsilo-provision",
+    parser = argparse.ArgumentParser(prog="flower-server provision",
                                      description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--host", action="append", required=True,

@@ -13,6 +13,7 @@ over ICD-10-CM chapters, target ε = 8 each.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -26,7 +27,8 @@ from fedsilo.common.data import DataError
 from fedsilo.common.datasets import simulated_institution
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer, resolve_device
-from fedsilo.common.task import federation_labels
+from fedsilo.common.processes import terminate_on_sigterm
+from fedsilo.common.task import federation_labels, freeze_labels
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
@@ -67,7 +69,7 @@ def resolve_config(args: argparse.Namespace) -> FedsiloConfig:
     flat |= typed_overrides(args)
     cfg = FedsiloConfig.from_flat(flat, origin="command line")
     out = str(Path(cfg.federation.output_dir).expanduser().resolve())
-    return cfg.replace(output_dir=out)
+    return freeze_labels(cfg.replace(output_dir=out))
 
 
 def preflight(cfg: FedsiloConfig, institutions: int) -> None:
@@ -92,9 +94,29 @@ def federation_config(args: argparse.Namespace) -> list[str]:
             f"client-resources-num-gpus={gpus}"]
 
 
+def summarize(metrics_path: Path, target_epsilon: float) -> None:
+    """Log the final held-out accuracy against the majority class and every ε."""
+    doc = json.loads(metrics_path.read_text("utf-8"))
+    last = doc["rounds"][-1]
+    held_out = last["centralized_eval"] or last["federated_eval"]
+    if held_out:
+        majority = doc["holdout_majority_rate"]
+        ratio = f" = {held_out['accuracy'] / majority:.2f}× the majority-class rate " \
+                f"{majority:.3f}" if majority else ""
+        log.info("final held-out accuracy %.3f%s, macro-F1 %.3f", held_out["accuracy"],
+                 ratio, held_out["macro_f1"])
+    spent: dict[str, float | None] = {}
+    for entry in doc["rounds"]:
+        spent |= {n: s["epsilon"] for n, s in entry["institutions"].items()}
+    for name, eps in sorted(spent.items()):
+        shown = "DP off" if eps is None else f"ε = {eps:.3f} (target {target_epsilon})"
+        log.info("%s: %s", name, shown)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the simulation; return the process exit code."""
     configure_logging()
+    terminate_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         if args.institutions < 1:
@@ -123,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         finally:
             link.stop()
-    log.info("done: model in %s/model, metrics in %s/metrics.json",
-             cfg.federation.output_dir, cfg.federation.output_dir)
+    out = Path(cfg.federation.output_dir)
+    summarize(out / "metrics.json", cfg.privacy.target_epsilon)
+    log.info("done: model in %s, metrics in %s", out / "model", out / "metrics.json")
     return 0
 
 

@@ -1,0 +1,197 @@
+"""``flower-client``: run an institution's node of a fedsilo federation.
+
+The institution starts it beside its data with the kit the coordinator sent::
+
+    flower-client --config kit/client.toml
+
+Before connecting it checks everything locally (data file, columns, labels, model,
+certificate and key, privacy policy) and exits with a clear message if something is
+wrong. It then runs a Flower SuperNode that connects to the coordinator over TLS,
+authenticates with the institution's key and keeps reconnecting if the coordinator
+restarts. Each round's ClientApp reads the institution's data location and privacy
+policy from the SuperNode's node config, so nothing the coordinator sends can
+loosen that policy (see :mod:`fedsilo.client.policy`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import ssl
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedsilo.client.policy import DATA_KEYS, NAME_KEY, POLICY_KEYS
+from fedsilo.common.config import ConfigError, FedsiloConfig, parse_labels, toml_table
+from fedsilo.common.data import DataError, LabelMap, load_records
+from fedsilo.common.logs import configure_logging
+from fedsilo.common.model import ModelError, load_tokenizer
+from fedsilo.common.processes import BIN, child_env, free_port, stop_group, terminate_on_sigterm
+
+log = logging.getLogger("fedsilo.client")
+
+CONNECTION_KEYS = ("superlink", "root-certificates", "auth-private-key", "insecure")
+CHECK_KEYS = ("labels", "model", "runtime-port")
+PATH_KEYS = ("data", "root-certificates", "auth-private-key")
+ALL_KEYS = (NAME_KEY, *CONNECTION_KEYS, *DATA_KEYS, *POLICY_KEYS, *CHECK_KEYS)
+
+
+class ClientSetupError(ValueError):
+    """A client setting is unusable; the message names the file, key or flag."""
+
+
+def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Read ``client.toml`` (paths relative to its folder) and apply flag overrides."""
+    settings: dict[str, Any] = {}
+    if path is not None:
+        try:
+            settings = tomllib.loads(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise ClientSetupError(f"{path}: cannot read the client config ({err})") from None
+        unknown = sorted(set(settings) - set(ALL_KEYS))
+        if unknown:
+            raise ClientSetupError(f"{path}: unknown key(s) {unknown}; known keys: "
+                                   f"{', '.join(ALL_KEYS)}")
+        for key in PATH_KEYS:
+            if key in settings and not Path(settings[key]).is_absolute():
+                settings[key] = str((path.parent / settings[key]).resolve())
+    settings |= {k: v for k, v in overrides.items() if v is not None}
+    for key in (NAME_KEY, "superlink", "data"):
+        if not settings.get(key):
+            raise ClientSetupError(f"missing '{key}': set it in client.toml or with --{key}")
+    return settings
+
+
+def preflight(settings: dict[str, Any]) -> None:
+    """Check data, labels, model, privacy policy, certificate and key; raise on problems."""
+    try:  # the privacy policy and columns must be valid settings of the schema
+        FedsiloConfig.from_flat({k: settings[k] for k in (*DATA_KEYS, "target-epsilon",
+                                 "target-delta", "max-grad-norm") if k in settings},
+                                origin="client config")
+    except ConfigError as err:
+        raise ClientSetupError(str(err)) from None
+    records = load_records(settings["data"], settings.get("text-column", "text"),
+                           settings.get("label-column", "label"))
+    log.info("data %s: %d examples, %d distinct labels", settings["data"], len(records),
+             len(set(records.labels)))
+    if settings.get("labels"):
+        labels = LabelMap.from_names(parse_labels(str(settings["labels"]), "labels"))
+        labels.encode(records.labels, records.source)
+    else:
+        log.info("no 'labels' given: labels are checked against the federation's when the "
+                 "run starts")
+    load_tokenizer(FedsiloConfig().model.model_copy(
+        update={"model": settings.get("model", FedsiloConfig().model.model)}))
+    if settings.get("insecure"):
+        return
+    for key in ("root-certificates", "auth-private-key"):
+        if not settings.get(key):
+            raise ClientSetupError(f"missing '{key}' (use the kit's client.toml, or "
+                                   "--insecure for a plain-text test federation)")
+    cert_path = Path(settings["root-certificates"])
+    try:
+        x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ClientSetupError(f"root-certificates {cert_path}: not a readable PEM "
+                               f"certificate ({err})") from None
+    key_path = Path(settings["auth-private-key"])
+    try:
+        load_ssh_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise ClientSetupError(f"auth-private-key {key_path}: not a readable OpenSSH private "
+                               f"key ({err})") from None
+    if key_path.stat().st_mode & 0o077:
+        log.warning("auth-private-key %s is readable by others; run chmod 600 on it", key_path)
+
+
+def check_tls(superlink: str, ca_file: str, timeout: float = 10.0) -> None:
+    """Verify the coordinator's certificate against the kit's CA before joining.
+
+    An unreachable coordinator is only logged (the SuperNode keeps retrying); a
+    certificate that the CA does not vouch for is an error, since retrying cannot fix it.
+    """
+    host, _, port = superlink.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=ca_file)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return
+    except ssl.SSLCertVerificationError as err:
+        raise ClientSetupError(
+            f"TLS check of {superlink} failed: {err.verify_message}. The coordinator's "
+            f"certificate is not signed by root-certificates {ca_file} (or is not valid for "
+            f"{host!r}); ask the coordinator for its current kit"
+        ) from None
+    except (OSError, ssl.SSLError) as err:
+        log.warning("coordinator %s not reachable yet (%s); the SuperNode will keep trying",
+                    superlink, err)
+
+
+def supernode_command(settings: dict[str, Any], runtime_port: int) -> list[str]:
+    """The ``flower-supernode`` command line for these settings."""
+    node = {k: settings[k] for k in (NAME_KEY, *DATA_KEYS, *POLICY_KEYS) if k in settings}
+    cmd = [str(BIN / "flower-supernode"), "--superlink", str(settings["superlink"]),
+           "--node-config", toml_table(node).replace("\n", " ").strip(),
+           "--port", str(runtime_port)]
+    if settings.get("insecure"):
+        return [*cmd, "--insecure"]
+    return [*cmd, "--root-certificates", settings["root-certificates"],
+            "--auth-supernode-private-key", settings["auth-private-key"]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags (each overrides the same key of client.toml)."""
+    parser = argparse.ArgumentParser(prog="flower-client", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="the kit's client.toml")
+    parser.add_argument("--check", action="store_true", help="only run the local checks")
+    for key in ALL_KEYS:
+        kind = int if key == "runtime-port" else float if key in POLICY_KEYS[:3] else None
+        if key in ("insecure", "allow-no-dp"):
+            parser.add_argument(f"--{key}", action="store_true", default=None,
+                                help="plain text, no TLS (testing only)" if key == "insecure"
+                                else "let the coordinator turn DP off for this institution")
+        else:
+            parser.add_argument(f"--{key}", type=kind, help=f"overrides '{key}' in client.toml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate the institution's settings, then run its SuperNode until stopped."""
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    overrides = {k: getattr(args, k.replace("-", "_")) for k in ALL_KEYS}
+    try:
+        settings = load_client_config(args.config, overrides)
+        preflight(settings)
+    except (ClientSetupError, DataError, ModelError, ConfigError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    if settings.get("insecure"):
+        log.warning("--insecure: updates travel in plain text and the node is not "
+                    "authenticated; use this only for a local test")
+    try:
+        if not settings.get("insecure"):
+            check_tls(str(settings["superlink"]), str(settings["root-certificates"]))
+    except ClientSetupError as err:
+        log.error("%s", err)
+        return 2
+    log.info("%s: local checks passed", settings[NAME_KEY])
+    if args.check:
+        return 0
+    cmd = supernode_command(settings, int(settings.get("runtime-port") or free_port()))
+    log.info("joining the federation at %s", settings["superlink"])
+    terminate_on_sigterm()
+    proc = subprocess.Popen(cmd, env=child_env(), start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        log.info("stopping the SuperNode")
+        stop_group(proc)
+        return 130

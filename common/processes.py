@@ -1,0 +1,75 @@
+"""Helpers for the Flower processes fedsilo starts: ports and environment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: Folder of this interpreter's executables (flwr, flower-superlink, ...).
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Return the environment with our executables first on ``PATH``.
+
+    Flower's processes start further Flower executables by name, so the virtual
+    environment's ``bin`` must come first even when it is not activated.
+    """
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **extra}
+
+
+def wait_for_port(proc: subprocess.Popen, port: int, timeout: float, what: str) -> None:
+    """Wait until ``proc`` listens on loopback ``port``.
+
+    Raises
+    ------
+    RuntimeError
+        If ``proc`` exits first or ``timeout`` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM into ``KeyboardInterrupt`` so clean-up code runs as on Ctrl-C."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def stop_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
+    """Stop ``proc`` and its process group (started with ``start_new_session``)."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,174 @@
+"""``flower-server``: the coordinator's commands.
+
+``flower-server provision`` creates the federation's CA, the server certificate and
+one kit per institution (see :mod:`fedsilo.server.provision`).
+
+``flower-server`` (no sub-command) runs a federation: it starts Flower's SuperLink on
+loopback with TLS, SuperNode authentication and persistent state, puts the fleet-only
+gateway (:mod:`fedsilo.server.gateway`) on the public address, registers the
+allow-listed institution keys, waits for the minimum number of institutions, submits
+the fedsilo run, shows its progress and writes the model and ``metrics.json``. It exits
+0 only if the run completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from fedsilo.common.config import ConfigError, FedsiloConfig, add_config_arguments
+from fedsilo.common.config import config_overrides as typed_overrides
+from fedsilo.common.data import DataError
+from fedsilo.common.logs import configure_logging
+from fedsilo.common.model import ModelError, load_tokenizer
+from fedsilo.common.processes import (
+    child_env,
+    free_port,
+    stop_group,
+    terminate_on_sigterm,
+    wait_for_port,
+)
+from fedsilo.common.task import freeze_labels
+from fedsilo.server import provision
+from fedsilo.server.launch import (
+    LaunchError,
+    LogFilter,
+    SuperLink,
+    run_to_completion,
+    write_thin_app,
+)
+
+log = logging.getLogger("fedsilo.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``flower-server`` (the run's settings come from the shared schema)."""
+    parser = argparse.ArgumentParser(
+        prog="flower-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run a fedsilo federation as coordinator "
+        "(`flower-server provision --help` for the set-up step).")
+    srv = parser.add_argument_group("coordinator settings")
+    srv.add_argument("--pki", type=Path, default=Path("pki"),
+                     help="folder written by `flower-server provision`")
+    srv.add_argument("--state-dir", type=Path, default=Path("coordinator-state"),
+                     help="SuperLink state (database, logs) kept across restarts")
+    srv.add_argument("--host", default="0.0.0.0", help="public address institutions reach")
+    srv.add_argument("--port", type=int, default=9092, help="public port (Fleet API only)")
+    srv.add_argument("--insecure", action="store_true",
+                     help="no TLS and no institution authentication (local tests only)")
+    srv.add_argument("--verbose", action="store_true", help="echo Flower's log lines too")
+    add_config_arguments(parser, ["model", "data", "privacy", "train", "federation"])
+    return parser
+
+
+def _pki_files(pki: Path) -> dict[str, Path]:
+    files = {"ca": pki / "ca" / "ca.pem", "cert": pki / "server" / "server.pem",
+             "key": pki / "server" / "server.key"}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"--pki {pki}: missing {', '.join(missing)}; run `flower-server "
+                          f"provision --out {pki} --host HOST --institution NAME ...` first")
+    return files
+
+
+def resolve_config(args: argparse.Namespace) -> FedsiloConfig:
+    """The run's settings; the holdout split is a simulation-only notion."""
+    flat = {"holdout-fraction": 0.0, "output-dir": "outputs/federation"} | typed_overrides(args)
+    cfg = FedsiloConfig.from_flat(flat, origin="command line")
+    if cfg.data.holdout_fraction:
+        raise ConfigError("--holdout-fraction is for simulations; give the coordinator's own "
+                          "held-out file with --eval-data")
+    out = str(Path(cfg.federation.output_dir).expanduser().resolve())
+    return freeze_labels(cfg.replace(output_dir=out))
+
+
+def start_gateway(args: argparse.Namespace, upstream_port: int,
+                  pki: dict[str, Path] | None, log_file: Path) -> subprocess.Popen:
+    """Start the fleet-only gateway on the public address."""
+    scheme = "http" if pki is None else "https"
+    cmd = [sys.executable, "-m", "fedsilo.server.gateway", "--listen",
+           f"{args.host}:{args.port}", "--upstream", f"{scheme}://127.0.0.1:{upstream_port}"]
+    cmd += ["--insecure"] if pki is None else [
+        "--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"]),
+        "--ca", str(pki["ca"])]
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for_port(proc, args.port, 30, "the gateway")
+    except RuntimeError as err:
+        stop_group(proc)
+        raise LaunchError(f"{err}; see {log_file}") from None
+    return proc
+
+
+def register_institutions(link: SuperLink, pki: Path) -> None:
+    """Register every allow-listed public key with the SuperLink (idempotent)."""
+    for name, pub in provision.load_allowlist(pki).items():
+        done = link.flwr("supernode", "register", str(pub), "fedsilo", "--name", name)
+        text = done.stdout + done.stderr
+        if done.returncode and "already" not in text.lower():
+            raise LaunchError(f"cannot register {name} ({pub}):\n{text}")
+        log.info("institution %s: key %s registered", name, pub)
+
+
+def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
+    """Start SuperLink and gateway, run the federation, stop everything."""
+    args.pki = args.pki.expanduser().resolve()
+    pki = None if args.insecure else _pki_files(args.pki)
+    state = args.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    link_args = ["--database", str(state / "state.db"), "--isolation", "subprocess",
+                 "--disable-runtime-dependency-installation"]
+    if pki is None:
+        log.warning("--insecure: no TLS and no institution authentication; local tests only")
+        link_args.append("--insecure")
+    else:
+        link_args += ["--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"]),
+                      "--ssl-ca-certfile", str(pki["ca"]), "--enable-supernode-auth"]
+    link = SuperLink(home=state / "flwr-home", args=link_args, port=free_port(),
+                     tls_root=None if pki is None else pki["ca"])
+    gateway = None
+    sink = LogFilter(Path(cfg.federation.output_dir) / "run.log", args.verbose)
+    try:
+        link.start()
+        gateway = start_gateway(args, link.port, pki, state / "gateway.log")
+        if pki is not None:
+            register_institutions(link, args.pki)
+        log.info("listening on %s:%d (Fleet API only); waiting for %d institution(s)",
+                 args.host, args.port, cfg.federation.min_available)
+        app = write_thin_app(state / "app", cfg)
+        run_to_completion(link, app, sink)
+    except LaunchError as err:
+        log.error("%s", err)
+        return 1
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+    finally:
+        sink.close()
+        stop_group(gateway)
+        link.stop()
+    log.info("done: model in %s/model, metrics in %s/metrics.json",
+             cfg.federation.output_dir, cfg.federation.output_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``flower-server``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["provision"]:
+        return provision.main(argv[1:])
+    configure_logging()
+    terminate_on_sigterm()
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        load_tokenizer(cfg.model)
+    except (ConfigError, DataError, ModelError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    return run(args, cfg)
