@@ -16,19 +16,27 @@ loosen that policy (see :mod:`fedsilo.client.policy`).
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import logging
 import socket
 import ssl
 import subprocess
+import sys
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_ssh_private_key,
+)
 
 from fedsilo.client.policy import DATA_KEYS, NAME_KEY, POLICY_KEYS
-from fedsilo.common.config import ConfigError, FedsiloConfig, parse_labels, toml_table
+from fedsilo.common.config import ConfigError, FedsiloConfig, config_args, parse_labels
 from fedsilo.common.data import DataError, LabelMap, load_records
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
@@ -36,6 +44,8 @@ from fedsilo.common.processes import BIN, child_env, free_port, stop_group, term
 
 log = logging.getLogger("fedsilo.client")
 
+#: What Flower's SuperNode prints when the SuperLink does not know its key.
+NOT_ADMITTED = "Failed to activate SuperNode"
 CONNECTION_KEYS = ("superlink", "root-certificates", "auth-private-key", "insecure")
 CHECK_KEYS = ("labels", "model", "runtime-port")
 PATH_KEYS = ("data", "root-certificates", "auth-private-key")
@@ -138,7 +148,7 @@ def supernode_command(settings: dict[str, Any], runtime_port: int) -> list[str]:
     """The ``flower-supernode`` command line for these settings."""
     node = {k: settings[k] for k in (NAME_KEY, *DATA_KEYS, *POLICY_KEYS) if k in settings}
     cmd = [str(BIN / "flower-supernode"), "--superlink", str(settings["superlink"]),
-           "--node-config", toml_table(node).replace("\n", " ").strip(),
+           "--node-config", config_args(node),
            "--port", str(runtime_port)]
     if settings.get("insecure"):
         return [*cmd, "--insecure"]
@@ -188,10 +198,39 @@ def main(argv: list[str] | None = None) -> int:
     cmd = supernode_command(settings, int(settings.get("runtime-port") or free_port()))
     log.info("joining the federation at %s", settings["superlink"])
     terminate_on_sigterm()
-    proc = subprocess.Popen(cmd, env=child_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, env=child_env(), start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, errors="replace")
+    seen: list[str] = []
+
+    def relay() -> None:  # pass the SuperNode's output through, watching for a refusal
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if NOT_ADMITTED in line:
+                seen.append(line)
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
         log.info("stopping the SuperNode")
-        stop_group(proc)
-        return 130
+        code = 130
+    stop_group(proc)  # also ends helpers the SuperNode started (they hold the pipe)
+    reader.join(5)
+    refused = bool(seen)
+    if refused and not settings.get("insecure"):
+        log.error("the coordinator at %s refused to admit %s: its node key (%s) is not on the "
+                  "coordinator's allow-list. Ask the coordinator to provision this "
+                  "institution, and use the kit it sends.", settings["superlink"],
+                  settings[NAME_KEY], key_fingerprint(Path(settings["auth-private-key"])))
+    return code
+
+
+def key_fingerprint(path: Path) -> str:
+    """OpenSSH-style SHA-256 fingerprint of the public half of a private key file."""
+    key = load_ssh_private_key(path.read_bytes(), password=None)
+    blob = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).split()[1]
+    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")

@@ -68,6 +68,11 @@ def institution_config(
     unknown = set(node) - set(DATA_KEYS) - set(POLICY_KEYS) - {NAME_KEY}
     if unknown:
         raise ConfigError(f"node config: unknown setting(s) {sorted(unknown)}")
+    if NAME_KEY not in node or "data" not in node:
+        raise PolicyError(
+            "this SuperNode's node config names no institution or data file; start it with "
+            "`flower-client --config client.toml`, which passes both"
+        )
     changes: dict[str, object] = {k: node[k] for k in DATA_KEYS if k in node}
     if not run.privacy.dp and not bool(node.get("allow-no-dp", False)):
         raise PolicyError(

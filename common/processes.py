@@ -62,8 +62,12 @@ def terminate_on_sigterm() -> None:
 
 
 def stop_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
-    """Stop ``proc`` and its process group (started with ``start_new_session``)."""
-    if proc is None or proc.poll() is not None:
+    """Stop ``proc`` and its process group (started with ``start_new_session``).
+
+    The group is signalled even when ``proc`` itself has already exited, since
+    processes it started may still run.
+    """
+    if proc is None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)

@@ -44,6 +44,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsilo.common.logs import configure_logging
+
 log = logging.getLogger("fedsilo.provision")
 
 CA_DAYS = 5 * 365 + 1
@@ -389,7 +391,7 @@ def _pub_fingerprint(path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``fedsilo-provision --out DIR --host H --institution NAME ...``."""
+    """Command line: ``flower-server provision --out DIR --host H --institution NAME ...``."""
     parser = argparse.ArgumentParser(prog="flower-server provision",
                                      description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -399,8 +401,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="institution name (repeatable)")
     parser.add_argument("--port", type=int, default=9092, help="SuperLink Fleet API port")
     args = parser.parse_args(argv)
-    from fedsilo.common.logs import configure_logging
-
     configure_logging()
     try:
         result = provision(args.out, args.host, args.institution, args.port)
@@ -408,12 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     except ProvisionError as err:
         log.error("%s", err)
         return 2
-    log.info("SuperLink: flower-superlink --ssl-ca-certfile %s --ssl-certfile %s "
-             "--ssl-keyfile %s --enable-supernode-auth", result.ca_cert, result.server_cert,
-             result.server_key)
-    for name in result.kits:
-        log.info("Register %s (once): flwr supernode register %s", name, allow[name])
+    log.info("allow-list: %s (flower-server registers these keys at start)",
+             ", ".join(f"{name} ({allow[name].name})" for name in result.kits))
     for name in result.created:
         log.info("Send %s the folder %s over a secure channel (it holds its private key)",
                  name, result.kits[name])
+    log.info("Start the coordinator with: flower-server --pki %s", args.out)
     return 0

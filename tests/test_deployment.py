@@ -104,7 +104,8 @@ def test_client_trusting_another_ca_cannot_connect(federation, tmp_path):
     done = subprocess.run(_client(kit, federation["data"]["hospital-a"]), env=ENV, text=True,
                           capture_output=True, timeout=120)
     assert done.returncode == 2
-    assert "TLS check" in done.stderr and "certificate verify failed" in done.stderr
+    assert "TLS check of localhost" in done.stderr
+    assert "not signed by root-certificates" in done.stderr
 
 
 def test_institution_not_on_the_allow_list_is_refused(federation, tmp_path):
@@ -115,20 +116,13 @@ def test_institution_not_on_the_allow_list_is_refused(federation, tmp_path):
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption()))
     os.chmod(kit / "node.key", 0o600)
-    log = tmp_path / "intruder.log"
-    proc = _start(_client(kit, federation["data"]["hospital-a"], "--institution", "mallory"),
-                  log)
-    try:
-        deadline = time.monotonic() + 90
-        while proc.poll() is None and time.monotonic() < deadline:
-            if b"ermission" in log.read_bytes() or b"nauthenticated" in log.read_bytes():
-                break
-            time.sleep(1)
-    finally:
-        _stop(proc)
-    text = log.read_text(errors="replace")
-    assert "mallory: local checks passed" in text
-    assert "PERMISSION_DENIED" in text.upper() or "UNAUTHENTICATED" in text.upper(), text[-3000:]
+    done = subprocess.run(
+        _client(kit, federation["data"]["hospital-a"], "--institution", "mallory"),
+        env=ENV, text=True, capture_output=True, timeout=120)
+    assert "mallory: local checks passed" in done.stderr  # TLS and the key file are fine...
+    assert done.returncode != 0, done.returncode  # ...but the coordinator does not admit it
+    assert "not on the coordinator's allow-list" in done.stderr
+    assert "SHA256:" in done.stderr
 
 
 def test_client_with_broken_data_exits_before_joining(federation, tmp_path):

@@ -4,6 +4,8 @@ from fedsilo.client.policy import PolicyError, institution_config
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.server.gateway import is_public_route
 
+NODE = {"institution": "h", "data": "/d.csv"}
+
 
 def test_coordinator_cannot_loosen_the_institution_policy():
     run = FedsiloConfig().replace(target_epsilon=20.0, target_delta=0.1, max_grad_norm=5.0)
@@ -18,7 +20,7 @@ def test_coordinator_cannot_loosen_the_institution_policy():
 
 def test_a_stricter_run_is_kept():
     run = FedsiloConfig().replace(target_epsilon=2.0, target_delta=1e-7)
-    cfg, policy = institution_config(run, {"target-epsilon": 8.0, "target-delta": 1e-5})
+    cfg, policy = institution_config(run, {**NODE, "target-epsilon": 8.0, "target-delta": 1e-5})
     assert cfg.privacy.target_epsilon == 2.0
     assert policy.delta(cfg.privacy.target_delta, 1000) == 1e-7
 
@@ -26,14 +28,19 @@ def test_a_stricter_run_is_kept():
 def test_dp_off_needs_the_institutions_consent():
     run = FedsiloConfig().replace(dp=False)
     with pytest.raises(PolicyError, match="allow-no-dp"):
-        institution_config(run, {"institution": "h"})
-    cfg, _ = institution_config(run, {"institution": "h", "allow-no-dp": True})
+        institution_config(run, NODE)
+    cfg, _ = institution_config(run, {**NODE, "allow-no-dp": True})
     assert not cfg.privacy.dp
 
 
 def test_unknown_node_setting_is_rejected():
     with pytest.raises(ConfigError, match="num-rounds"):
-        institution_config(FedsiloConfig(), {"num-rounds": 100})
+        institution_config(FedsiloConfig(), {**NODE, "num-rounds": 100})
+
+
+def test_a_supernode_without_institution_settings_is_refused():
+    with pytest.raises(PolicyError, match="flower-client"):
+        institution_config(FedsiloConfig(), {"target-epsilon": 1.0})
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from fedsilo.client.cli import ClientSetupError, load_client_config, supernode_command
+
+
+def _toml(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "kit" / "client.toml"
+    path.parent.mkdir()
+    path.write_text(body, "utf-8")
+    return path
+
+
+def test_relative_paths_resolve_against_the_kit_and_flags_override(tmp_path):
+    path = _toml(tmp_path, 'institution = "h-1"\nsuperlink = "fl.example.org:9092"\n'
+                           'root-certificates = "ca.pem"\nauth-private-key = "node.key"\n'
+                           'data = "data/my file.csv"\ntarget-epsilon = 4.0\n')
+    settings = load_client_config(path, {"target-epsilon": 2.0, "data": None})
+    assert settings["root-certificates"] == str(path.parent / "ca.pem")
+    assert settings["data"] == str(path.parent / "data" / "my file.csv")
+    assert settings["target-epsilon"] == 2.0
+
+
+def test_unknown_key_and_missing_data_name_the_file_and_key(tmp_path):
+    path = _toml(tmp_path, 'institution = "h"\nsuperlink = "x:1"\ndata = "d.csv"\nepsilon = 3\n')
+    with pytest.raises(ClientSetupError, match=r"client.toml: unknown key\(s\) \['epsilon'\]"):
+        load_client_config(path, {})
+    with pytest.raises(ClientSetupError, match="missing 'data'.*--data"):
+        load_client_config(None, {"institution": "h", "superlink": "x:1"})
+
+
+def test_node_config_reaches_flower_intact():
+    settings = {"institution": "hospital-a", "superlink": "fl:9092", "data": "/d/my notes.csv",
+                "text-column": "note", "target-epsilon": 3.0, "allow-no-dp": True,
+                "root-certificates": "/k/ca.pem", "auth-private-key": "/k/node.key"}
+    cmd = supernode_command(settings, 9999)
+    node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert node == {"institution": "hospital-a", "data": "/d/my notes.csv",
+                    "text-column": "note", "target-epsilon": 3.0, "allow-no-dp": True}
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == "/k/node.key"
+    assert "--insecure" not in cmd
