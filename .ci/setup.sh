@@ -33,8 +33,9 @@ fi
 echo "fedsilo: setting up $VENV (one time; later runs skip this)" >&2
 [ -x "$VENV/bin/python" ] || "$(pick_python)" -m venv "$VENV"
 pip_install() {
-  # Hide the notes some pip configurations print for absent local indexes.
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+  # Hide the notes some pip configurations print for absent local indexes, and
+  # setuptools' editable-install advice (fedsilo maps its folders on purpose).
+  PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install "$TORCH_SPEC"

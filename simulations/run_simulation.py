@@ -109,7 +109,7 @@ def summarize(metrics_path: Path, target_epsilon: float) -> None:
     for entry in doc["rounds"]:
         spent |= {n: s["epsilon"] for n, s in entry["institutions"].items()}
     for name, eps in sorted(spent.items()):
-        shown = "DP off" if eps is None else f"ε = {eps:.3f} (target {target_epsilon})"
+        shown = "DP off" if eps is None else f"ε = {eps:.4f} (target {target_epsilon})"
         log.info("%s: %s", name, shown)
 
 
