@@ -17,14 +17,11 @@ coordinator cannot lower it either.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsilo.client.privacy import default_delta
 from fedsilo.common.config import ConfigError, FedsiloConfig
-
-log = logging.getLogger(__name__)
 
 #: Node-config keys that name the institution's data; they replace the run's values.
 DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-examples", "device")

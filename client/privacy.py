@@ -9,7 +9,6 @@ round, so the ε reported is cumulative, never per round.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ from flwr.app import ConfigRecord
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
-
-log = logging.getLogger(__name__)
 
 STATE_KEY = "fedsilo.privacy"
 

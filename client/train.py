@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
@@ -15,8 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedsilo.client.privacy import DPPlan
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.model import forward_logits
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

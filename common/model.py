@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import logging
 from collections import OrderedDict
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from transformers import (
 
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig
 from fedsilo.common.data import LabelMap
-
-log = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):

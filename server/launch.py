@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,11 +160,6 @@ class SuperLink:
     def cancel(self, run_id: int) -> None:
         """Ask the SuperLink to stop a run."""
         self.flwr("stop", str(run_id), CONNECTION)
-
-    def cleanup(self) -> None:
-        """Stop the SuperLink and remove its private home."""
-        self.stop()
-        shutil.rmtree(self.home, ignore_errors=True)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

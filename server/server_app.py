@@ -72,6 +72,8 @@ def main(grid: Grid, context: Context) -> None:
     log.info("fedsilo run: %d rounds, %d labels, trainable=%s, DP %s, output %s",
              cfg.federation.num_rounds, labels.num_labels, cfg.model.trainable,
              f"on (target ε={cfg.privacy.target_epsilon})" if cfg.privacy.dp else "OFF", out)
+    if not cfg.privacy.dp:
+        log.warning("DP is OFF (--no-dp): institutions' updates carry no privacy guarantee")
     result = build_strategy(cfg.federation, report).start(
         grid=grid,
         initial_arrays=ArrayRecord(get_trainable_state(model)),
