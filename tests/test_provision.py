@@ -200,7 +200,8 @@ def test_main(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         out = tmp_path / "out"
         assert main(["--out", str(out), "--host", "fl.example.org",
                      "--institution", "site-1"]) == 0
-        assert "flwr supernode register" in caplog.text and "site-1" in caplog.text
+        assert "allow-list: site-1" in caplog.text
+        assert f"flower-server --pki {out}" in caplog.text
         assert main(["--out", str(out), "--host", "fl.example.org",
                      "--institution", "bad name"]) == 2
         assert "'bad name'" in caplog.text
