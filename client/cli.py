@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import logging
 import socket
 import ssl
@@ -35,7 +36,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
 )
 
-from fedsilo.client.policy import DATA_KEYS, NAME_KEY, POLICY_KEYS
+from fedsilo.client.ledger import Ledger, LedgerError
+from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.config import ConfigError, FedsiloConfig, config_args, parse_labels
 from fedsilo.common.data import DataError, LabelMap, load_records
 from fedsilo.common.logs import configure_logging
@@ -48,8 +50,8 @@ log = logging.getLogger("fedsilo.client")
 NOT_ADMITTED = "Failed to activate SuperNode"
 CONNECTION_KEYS = ("superlink", "root-certificates", "auth-private-key", "insecure")
 CHECK_KEYS = ("labels", "model", "runtime-port")
-PATH_KEYS = ("data", "root-certificates", "auth-private-key")
-ALL_KEYS = (NAME_KEY, *CONNECTION_KEYS, *DATA_KEYS, *POLICY_KEYS, *CHECK_KEYS)
+PATH_KEYS = ("data", "root-certificates", "auth-private-key", LEDGER_KEY)
+ALL_KEYS = (NAME_KEY, *CONNECTION_KEYS, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY, *CHECK_KEYS)
 
 
 class ClientSetupError(ValueError):
@@ -68,11 +70,12 @@ def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str
         if unknown:
             raise ClientSetupError(f"{path}: unknown key(s) {unknown}; known keys: "
                                    f"{', '.join(ALL_KEYS)}")
+        settings.setdefault(LEDGER_KEY, "ledger")  # beside client.toml unless set
         for key in PATH_KEYS:
             if key in settings and not Path(settings[key]).is_absolute():
                 settings[key] = str((path.parent / settings[key]).resolve())
     settings |= {k: v for k, v in overrides.items() if v is not None}
-    for key in (NAME_KEY, "superlink", "data"):
+    for key in (NAME_KEY, "superlink", "data", LEDGER_KEY):
         if not settings.get(key):
             raise ClientSetupError(f"missing '{key}': set it in client.toml or with --{key}")
     return settings
@@ -146,7 +149,8 @@ def check_tls(superlink: str, ca_file: str, timeout: float = 10.0) -> None:
 
 def supernode_command(settings: dict[str, Any], runtime_port: int) -> list[str]:
     """The ``flower-supernode`` command line for these settings."""
-    node = {k: settings[k] for k in (NAME_KEY, *DATA_KEYS, *POLICY_KEYS) if k in settings}
+    keys = (NAME_KEY, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY)
+    node = {k: settings[k] for k in keys if k in settings}
     cmd = [str(BIN / "flower-supernode"), "--superlink", str(settings["superlink"]),
            "--node-config", config_args(node),
            "--port", str(runtime_port)]
@@ -156,11 +160,32 @@ def supernode_command(settings: dict[str, Any], runtime_port: int) -> list[str]:
             "--auth-supernode-private-key", settings["auth-private-key"]]
 
 
+def show_ledger(settings: dict[str, Any]) -> None:
+    """Log ε spent against the budget for every dataset in the institution's ledger."""
+    folder = Path(settings[LEDGER_KEY])
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    budget = settings.get("target-epsilon", "(the run's)")
+    if not files:
+        log.info("ledger %s: no privacy spent yet", folder)
+    for path in files:
+        doc = json.loads(path.read_text("utf-8"))
+        ledger = Ledger.open(folder, doc["fingerprint"], doc["accountant"])
+        if not ledger.entries:
+            continue
+        delta = ledger.entries[-1].delta
+        runs = {e.run for e in ledger.entries}
+        log.info("dataset %s…: ε spent %.4f / budget %s at δ=%.2e, %d round(s) in %d run(s), "
+                 "last %s", ledger.fingerprint[:12], ledger.spent(delta), budget, delta,
+                 len(ledger.entries), len(runs), ledger.entries[-1].at)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (each overrides the same key of client.toml)."""
     parser = argparse.ArgumentParser(prog="flower-client", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="the kit's client.toml")
     parser.add_argument("--check", action="store_true", help="only run the local checks")
+    parser.add_argument("--ledger", action="store_true",
+                        help="print the privacy spent per dataset (ε spent / budget) and exit")
     for key in ALL_KEYS:
         kind = int if key == "runtime-port" else float if key in POLICY_KEYS[:3] else None
         if key in ("insecure", "allow-no-dp"):
@@ -179,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k.replace("-", "_")) for k in ALL_KEYS}
     try:
         settings = load_client_config(args.config, overrides)
+        if args.ledger:
+            show_ledger(settings)
+            return 0
         preflight(settings)
-    except (ClientSetupError, DataError, ModelError, ConfigError, ValueError) as err:
+    except (ClientSetupError, DataError, ModelError, ConfigError, LedgerError,
+            ValueError) as err:
         log.error("%s", err)
         return 2
     if settings.get("insecure"):

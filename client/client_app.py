@@ -6,16 +6,26 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
 from fedsilo.client import privacy
+from fedsilo.client.ledger import Ledger, dataset_fingerprint
 from fedsilo.client.policy import NAME_KEY, Policy, institution_config
-from fedsilo.client.train import train_plain, train_private
+from fedsilo.client.train import TrainResult, train_plain, train_private
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
 from fedsilo.common.logs import configure_logging
@@ -27,7 +37,7 @@ from fedsilo.common.model import (
     set_trainable_state,
 )
 from fedsilo.common.task import encode, evaluate, federation_labels
-from fedsilo.common.wire import INSTITUTION_KEY, array_record_bytes
+from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,7 @@ class _Task:
     cfg: FedsiloConfig
     policy: Policy
     data: InstitutionData
+    fingerprint: str
     train_set: TensorDataset
     test_set: TensorDataset
     model: PreTrainedModel
@@ -78,7 +89,8 @@ def _setup(msg: Message, context: Context) -> _Task:
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     set_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     device = resolve_device(cfg.model.device)
-    return _Task(cfg, policy, data, train_set, test_set, model.to(device), device)
+    fingerprint = dataset_fingerprint(data.train.texts, data.train.labels)
+    return _Task(cfg, policy, data, fingerprint, train_set, test_set, model.to(device), device)
 
 
 def _reply(
@@ -92,44 +104,66 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
+def _ledger(task: _Task, run: int) -> Ledger:
+    """Open the dataset's ledger.
+
+    A deployed institution keeps it in its own folder; a virtual institution of a
+    simulation keeps one per run in the output folder.
+    """
+    folder = Path(task.policy.ledger_dir) if task.policy.ledger_dir else (
+        Path(task.cfg.federation.output_dir) / "ledgers" / f"run-{run}" / task.data.name)
+    return Ledger.open(folder, task.fingerprint, task.cfg.privacy.accountant)
+
+
+def _train_private(task: _Task, msg: Message, context: Context) -> tuple[TrainResult, dict]:
+    """Check the budget, train with DP-SGD, and record the spend before replying."""
+    cfg, n = task.cfg, len(task.train_set)
+    run, server_round = context.run_id, int(msg.content["config"]["server-round"])
+    ledger = _ledger(task, run)
+    if ledger.has(run, server_round):
+        raise privacy.DeclinedError(f"declined: round {server_round} of run {run} was already "
+                                    "trained; an update is never released twice")
+    delta = task.policy.delta(cfg.privacy.target_delta, n)
+    dp_plan = privacy.plan(
+        num_examples=n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
+        num_rounds=cfg.federation.num_rounds, target_epsilon=cfg.privacy.target_epsilon,
+        delta=delta, accountant=cfg.privacy.accountant,
+        prior=tuple(ledger.history(exclude_run=run)),
+    )
+    privacy.check_budget(ledger.restore(), dp_plan)  # before any training step
+    result = train_private(task.model, task.train_set, cfg, dp_plan, ledger.restore(),
+                           task.device)
+    epsilon = ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
+                            dp_plan.noise_multiplier, delta)
+    return result, {"epsilon": epsilon, "delta": delta,
+                    "noise-multiplier": dp_plan.noise_multiplier,
+                    "sample-rate": dp_plan.sample_rate}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global tensors locally and reply with the update."""
+    """Train the received global tensors locally and reply with the update.
+
+    A declined round (budget, duplicate, policy) is answered with an error whose
+    reason starts with ``declined:``; the coordinator reports it apart from failures.
+    """
     task = _setup(msg, context)
-    cfg, data, model, device = task.cfg, task.data, task.model, task.device
-    n = len(task.train_set)
-    metrics: dict[str, float] = {"num-examples": n}
-    if cfg.privacy.dp:
-        delta = task.policy.delta(cfg.privacy.target_delta, n)
-        dp_plan = privacy.plan(
-            num_examples=n,
-            batch_size=cfg.train.batch_size,
-            local_epochs=cfg.train.local_epochs,
-            num_rounds=cfg.federation.num_rounds,
-            target_epsilon=cfg.privacy.target_epsilon,
-            delta=delta,
-            accountant=cfg.privacy.accountant,
-        )
-        accountant = privacy.restore_accountant(
-            context.state.config_records.get(privacy.STATE_KEY), cfg.privacy.accountant
-        )
-        privacy.check_budget(accountant, dp_plan)
-        result = train_private(model, task.train_set, cfg, dp_plan, accountant, device)
-        context.state[privacy.STATE_KEY] = privacy.accountant_record(accountant)
-        epsilon = privacy.spent_epsilon(accountant, delta)
-        metrics |= {
-            "epsilon": epsilon,
-            "delta": delta,
-            "noise-multiplier": dp_plan.noise_multiplier,
-            "sample-rate": dp_plan.sample_rate,
-        }
-    else:
-        log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee", data.name)
-        result = train_plain(model, task.train_set, cfg, device)
-        metrics |= {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0,
-                    "sample-rate": 0.0}
-    metrics |= {"train-loss": result.loss, "steps": result.steps}
-    arrays = ArrayRecord(get_trainable_state(model))
+    data, n = task.data, len(task.train_set)
+    try:
+        if task.cfg.privacy.dp:
+            result, dp_metrics = _train_private(task, msg, context)
+        else:
+            log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee",
+                        data.name)
+            result = train_plain(task.model, task.train_set, task.cfg, task.device)
+            dp_metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0,
+                          "sample-rate": 0.0}
+    except privacy.DeclinedError as err:
+        log.warning("%s: %s", data.name, err)
+        return Message(Error(code=DECLINED_CODE, reason=f"{data.name}: {err}"), reply_to=msg)
+    metrics = {"num-examples": n, **dp_metrics, "train-loss": result.loss,
+               "steps": result.steps}
+    arrays = ArrayRecord(get_trainable_state(task.model))
     log.info(
         "%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
         data.name, result.steps, n, result.loss, metrics["epsilon"], array_record_bytes(arrays),

@@ -28,6 +28,8 @@ DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-exampl
 #: Node-config keys of the institution's privacy policy.
 POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp")
 NAME_KEY = "institution"
+#: Node-config key of the folder holding the institution's privacy ledger.
+LEDGER_KEY = "ledger-dir"
 
 
 class PolicyError(RuntimeError):
@@ -43,6 +45,7 @@ class Policy:
     """
 
     max_delta: float = 0.0
+    ledger_dir: str = ""
 
     def delta(self, requested: float, num_examples: int) -> float:
         """Effective δ: the run's (or automatic) δ, never above the institution's."""
@@ -62,7 +65,7 @@ def institution_config(
     ConfigError
         If a node-config value is invalid.
     """
-    unknown = set(node) - set(DATA_KEYS) - set(POLICY_KEYS) - {NAME_KEY}
+    unknown = set(node) - set(DATA_KEYS) - set(POLICY_KEYS) - {NAME_KEY, LEDGER_KEY}
     if unknown:
         raise ConfigError(f"node config: unknown setting(s) {sorted(unknown)}")
     if NAME_KEY not in node or "data" not in node:
@@ -83,4 +86,6 @@ def institution_config(
         changes["max-grad-norm"] = float(node["max-grad-norm"])
     # A deployment's institution holds only its own data: no simulation holdout.
     changes["holdout-fraction"] = 0.0
-    return run.replace(**changes), Policy(max_delta=float(node.get("target-delta", 0.0) or 0.0))
+    policy = Policy(max_delta=float(node.get("target-delta", 0.0) or 0.0),
+                    ledger_dir=str(node.get(LEDGER_KEY, "")))
+    return run.replace(**changes), policy

@@ -1,9 +1,10 @@
-"""Privacy accounting for one institution: calibrate noise, carry the accountant.
+"""Privacy accounting for one institution: calibrate the noise, enforce the budget.
 
-The noise multiplier is calibrated once, by Opacus, for the institution's whole
-planned participation (every round of the run), so the cumulative ε after the last
-round stays within the target. The accountant's history is carried from round to
-round, so the ε reported is cumulative, never per round.
+The noise multiplier is calibrated once per run, with Opacus's accountant, so that
+the dataset's earlier spend (from its ledger) plus the run's whole planned
+participation (every round) stays within the institution's target ε. Before each
+round the client checks what the round would cost and declines it if the dataset
+would pass the target; ε is always computed by Opacus from the ledger's history.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import functools
 import math
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-STATE_KEY = "fedsilo.privacy"
+History = tuple[tuple[float, float, int], ...]
+_SIGMA_MAX = 1000.0
 
 
-class BudgetExceededError(RuntimeError):
-    """Training this round would take the institution past its ε target."""
+class DeclinedError(RuntimeError):
+    """The institution declines this round (not a failure of the run)."""
+
+
+class BudgetExceededError(DeclinedError):
+    """Training this round would take the dataset past the institution's ε target."""
 
 
 def default_delta(num_examples: int) -> float:
@@ -41,6 +46,12 @@ class DPPlan:
     delta: float
 
 
+def _epsilon(history: History, mechanism: str, delta: float) -> float:
+    acc = create_accountant(mechanism)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta))
+
+
 @functools.lru_cache(maxsize=16)
 def plan(
     *,
@@ -51,58 +62,45 @@ def plan(
     target_epsilon: float,
     delta: float,
     accountant: str,
+    prior: History = (),
 ) -> DPPlan:
     """Calibrate the noise multiplier for all planned rounds with Opacus.
 
     Poisson sampling with expected batch ``batch_size`` gives sample rate
     ``1 / ceil(n / batch_size)`` and that many steps per epoch (as Opacus's
-    ``DPDataLoader`` does). Calibration is a binary search over the accountant
-    (seconds), so results are cached per process.
+    ``DPDataLoader`` does). ``prior`` is the dataset's spend before this run; without
+    one this is Opacus's ``get_noise_multiplier``, with one the same bisection runs
+    over the accountant of the whole history. Calibration takes seconds, so results
+    are cached per process.
+
+    Raises
+    ------
+    BudgetExceededError
+        If earlier runs left no room for this run at any noise level.
     """
     steps_per_epoch = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / steps_per_epoch
     steps_per_round = steps_per_epoch * local_epochs
     planned = steps_per_round * num_rounds
-    sigma = get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=planned,
-        accountant=accountant,
-    )
+    if not prior:
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                     sample_rate=sample_rate, steps=planned,
+                                     accountant=accountant)
+    else:
+        def fits(s: float) -> bool:
+            total = (*prior, (s, sample_rate, planned))
+            return _epsilon(total, accountant, delta) <= target_epsilon
+
+        if not fits(_SIGMA_MAX):
+            spent = _epsilon(prior, accountant, delta)
+            raise BudgetExceededError(
+                f"declined: this dataset has already spent ε={spent:.3f} of its "
+                f"{target_epsilon} budget in earlier runs; no noise level fits this run")
+        low, sigma = 0.0, _SIGMA_MAX
+        while sigma - low > 0.01 * sigma:
+            mid = (low + sigma) / 2
+            low, sigma = (low, mid) if fits(mid) else (mid, sigma)
     return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta)
-
-
-def restore_accountant(state: ConfigRecord | None, mechanism: str) -> IAccountant:
-    """Rebuild the accountant from what earlier rounds stored (empty on round 1)."""
-    accountant = create_accountant(mechanism)
-    if state is not None:
-        history = zip(state["noise"], state["rate"], state["steps"], strict=True)
-        accountant.history = _merged([(float(s), float(q), int(k)) for s, q, k in history])
-    return accountant
-
-
-def _merged(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    """Merge consecutive entries with the same noise and rate, as Opacus does."""
-    out: list[tuple[float, float, int]] = []
-    for sigma, rate, steps in history:
-        if out and out[-1][:2] == (sigma, rate):
-            out[-1] = (sigma, rate, out[-1][2] + steps)
-        else:
-            out.append((sigma, rate, steps))
-    return out
-
-
-def accountant_record(accountant: IAccountant) -> ConfigRecord:
-    """Serialise the accountant's history for the node's persistent state."""
-    history = accountant.history
-    return ConfigRecord(
-        {
-            "noise": [float(s) for s, _, _ in history],
-            "rate": [float(q) for _, q, _ in history],
-            "steps": [int(k) for _, _, k in history],
-        }
-    )
 
 
 def spent_epsilon(accountant: IAccountant, delta: float) -> float:
@@ -118,14 +116,13 @@ def check_budget(accountant: IAccountant, dp_plan: DPPlan) -> float:
     BudgetExceededError
         If one more round at the planned noise would pass the target ε.
     """
-    trial = create_accountant(accountant.mechanism())
-    trial.history = _merged(
-        [
-            *accountant.history,
-            (dp_plan.noise_multiplier, dp_plan.sample_rate, dp_plan.steps_per_round),
-        ]
-    )
-    after = float(trial.get_epsilon(dp_plan.delta))
+    history = list(accountant.history)
+    step = (dp_plan.noise_multiplier, dp_plan.sample_rate, dp_plan.steps_per_round)
+    if history and history[-1][:2] == step[:2]:
+        history[-1] = (*step[:2], history[-1][2] + step[2])
+    else:
+        history.append(step)
+    after = _epsilon(tuple(history), accountant.mechanism(), dp_plan.delta)
     if after > dp_plan.target_epsilon:
         before = spent_epsilon(accountant, dp_plan.delta)
         raise BudgetExceededError(

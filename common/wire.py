@@ -6,6 +6,8 @@ from flwr.app import ArrayRecord
 
 #: Reply record naming the institution that sent it (a ConfigRecord with ``name``).
 INSTITUTION_KEY = "institution"
+#: Error code of a reply by which an institution declines a round (budget, policy).
+DECLINED_CODE = 4100
 
 
 def array_record_bytes(record: ArrayRecord) -> int:

@@ -242,11 +242,15 @@ label-column = "label"
 
 # ---- Local privacy policy: EDIT ------------------------------------------------------
 # These are this institution's OWN limits for record-level DP-SGD, decided here and not
-# by the coordinator: the privacy budget for the whole run and the per-example clipping.
+# by the coordinator: the privacy budget of each dataset (across all runs, kept in the
+# ledger below) and the per-example clipping.
 target-epsilon = 8.0
 # 0 = automatic: min(1e-5, 0.1 / number of local training examples).
 target-delta = 0.0
 max-grad-norm = 1.0
+# Where this institution's privacy ledger lives (ε spent per dataset). Back it up;
+# `flower-client --config client.toml --ledger` prints it.
+ledger-dir = "ledger"
 '''
 
 

@@ -21,6 +21,8 @@
                    "bytes_received"}
           },
           "failures": [str, ...],           # errors institutions replied with
+          "declined": [str, ...],           # rounds institutions declined (budget,
+                                            # policy, duplicate) with their reason
           "seconds": float                  # wall time of the round
         }, ...
       ]
@@ -40,7 +42,7 @@ from typing import Any
 from flwr.app import Message, MetricRecord
 
 from fedsilo.common.task import EvalResult
-from fedsilo.common.wire import INSTITUTION_KEY, array_record_bytes
+from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,8 @@ class RunReport:
         if not rounds or rounds[-1]["round"] != server_round:
             rounds.append({"round": server_round, "train_loss": None, "federated_eval": None,
                            "centralized_eval": None, "bytes_received": 0,
-                           "institutions": {}, "failures": [], "seconds": 0.0})
+                           "institutions": {}, "failures": [], "declined": [],
+                           "seconds": 0.0})
         return rounds[-1]
 
     def record_train(self, server_round: int, replies: list[Message]) -> None:
@@ -93,7 +96,9 @@ class RunReport:
         for msg in replies:
             name = institution_name(msg)
             if msg.has_error():
-                entry["failures"].append(f"{name}: {msg.error.reason}")
+                declined = msg.error.code == DECLINED_CODE
+                entry["declined" if declined else "failures"].append(
+                    msg.error.reason if declined else f"{name}: {msg.error.reason}")
                 continue
             m = msg.content["metrics"]
             size = sum(array_record_bytes(r) for r in msg.content.array_records.values())
@@ -124,6 +129,8 @@ class RunReport:
         entry["seconds"] = round(time.monotonic() - self._started, 2)
         self._started = time.monotonic()
         log.info("%s", self.progress_line(entry))
+        for reason in entry["declined"]:
+            log.warning("round %d: %s", server_round, reason)
         self.write()
 
     def progress_line(self, entry: dict[str, Any]) -> str:
@@ -141,6 +148,8 @@ class RunReport:
             parts.append("ε " + ", ".join(eps))
         if entry["failures"]:
             parts.append(f"{len(entry['failures'])} failed")
+        if entry["declined"]:
+            parts.append(f"{len(entry['declined'])} declined")
         parts.append(f"{entry['seconds']:.0f}s")
         return " | ".join(parts)
 

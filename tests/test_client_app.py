@@ -1,5 +1,7 @@
+import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -10,6 +12,7 @@ from fedsilo.client import client_app
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.model import get_trainable_state, load_model, trainable_names
 from fedsilo.common.task import federation_labels
+from fedsilo.common.wire import DECLINED_CODE
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +22,9 @@ def task_identity():
 
 
 @pytest.fixture
-def cfg(tiny_bert):
+def cfg(tiny_bert, tmp_path):
     return FedsiloConfig.from_flat({
+        "output-dir": str(tmp_path / "out"),
         "model": str(tiny_bert), "trainable": "top-k", "top-k": 1, "max-examples": 120,
         "batch-size": 20, "num-rounds": 3, "target-epsilon": 5.0, "holdout-fraction": 0.0,
         "partition": "iid", "max-length": 16,
@@ -32,18 +36,18 @@ def _context(cfg, state=None):
                    state=state or RecordDict(), run_config=cfg.to_flat())
 
 
-def _message(cfg, kind):
+def _message(cfg, kind, server_round=1):
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     content = RecordDict({"arrays": ArrayRecord(get_trainable_state(model)),
-                          "config": ConfigRecord({"server-round": 1})})
+                          "config": ConfigRecord({"server-round": server_round})})
     return Message(content=content, dst_node_id=7, message_type=kind), trainable_names(model)
 
 
 def test_train_replies_only_trainable_tensors_and_cumulative_epsilon(cfg):
     context = _context(cfg)
     eps = []
-    for _ in range(2):
-        msg, names = _message(cfg, "train")
+    for server_round in (1, 2):
+        msg, names = _message(cfg, "train", server_round)
         reply = client_app.train(msg, context)
         assert list(reply.content["arrays"].keys()) == names
         assert not any(k.startswith("_module.") for k in names)
@@ -61,12 +65,26 @@ def test_train_replies_only_trainable_tensors_and_cumulative_epsilon(cfg):
     assert delta < 1 / 120
 
 
-def test_train_declines_when_the_budget_is_spent(cfg):
+def test_train_declines_when_the_budget_is_spent_before_any_step(cfg, monkeypatch):
     context = _context(cfg)
-    for _ in range(3):
-        client_app.train(_message(cfg, "train")[0], context)
-    with pytest.raises(Exception, match="above the target 5.0"):
-        client_app.train(_message(cfg, "train")[0], context)
+    for server_round in (1, 2, 3):
+        assert not client_app.train(_message(cfg, "train", server_round)[0], context).has_error()
+    monkeypatch.setattr(client_app, "train_private", lambda *a: pytest.fail("trained"))
+    reply = client_app.train(_message(cfg, "train", 4)[0], context)
+    assert reply.has_error() and reply.error.code == DECLINED_CODE
+    assert "institution-1: declined" in reply.error.reason and "above the target 5.0" in \
+        reply.error.reason
+
+
+def test_a_repeated_round_is_declined_and_counted_once(cfg):
+    context = _context(cfg)
+    first = client_app.train(_message(cfg, "train", 1)[0], context)
+    again = client_app.train(_message(cfg, "train", 1)[0], context)
+    assert again.has_error() and "already trained" in again.error.reason
+    ledgers = list((Path(cfg.federation.output_dir) / "ledgers").glob("run-1/institution-1/*"))
+    assert len(ledgers) == 1
+    entries = json.loads(ledgers[0].read_text())["entries"]
+    assert len(entries) == 1 and entries[0]["epsilon"] == first.content["metrics"]["epsilon"]
 
 
 def test_dp_off_is_explicit_and_warned(cfg, caplog):

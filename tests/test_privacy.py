@@ -19,21 +19,17 @@ def test_plan_matches_poisson_loader_and_meets_target():
     assert acc.get_epsilon(1e-5) <= 4.0
 
 
-def test_accountant_state_carries_across_rounds_cumulatively():
-    p = _plan()
-    record = None
-    eps = []
-    for _ in range(3):
-        acc = privacy.restore_accountant(record, "rdp")
-        privacy.check_budget(acc, p)
-        acc.history.append((p.noise_multiplier, p.sample_rate, p.steps_per_round))
-        record = privacy.accountant_record(acc)
-        eps.append(privacy.spent_epsilon(acc, p.delta))
-    assert eps[0] < eps[1] < eps[2] <= p.target_epsilon
-    for k, value in enumerate(eps, start=1):
-        fresh = RDPAccountant()
-        fresh.history = [(p.noise_multiplier, p.sample_rate, k * p.steps_per_round)]
-        assert value == pytest.approx(fresh.get_epsilon(p.delta), rel=1e-9)
+def test_earlier_spend_raises_the_noise_and_a_spent_budget_declines_the_run():
+    fresh = _plan()
+    prior = ((fresh.noise_multiplier, fresh.sample_rate, 60),)  # half of an earlier run
+    later = _plan(prior=prior)
+    assert later.noise_multiplier > fresh.noise_multiplier
+    acc = RDPAccountant()
+    acc.history = [*prior, (later.noise_multiplier, later.sample_rate, later.planned_steps)]
+    assert acc.get_epsilon(1e-5) <= 4.0
+    spent = ((0.5, 0.05, 5000),)
+    with pytest.raises(privacy.BudgetExceededError, match="earlier runs"):
+        _plan(prior=spent)
 
 
 def test_budget_check_declines_a_round_past_the_target():
@@ -42,6 +38,8 @@ def test_budget_check_declines_a_round_past_the_target():
     acc.history = [(p.noise_multiplier, p.sample_rate, p.planned_steps)]
     with pytest.raises(privacy.BudgetExceededError, match="above the target 4.0"):
         privacy.check_budget(acc, p)
+    acc.history = [(p.noise_multiplier, p.sample_rate, p.planned_steps - p.steps_per_round)]
+    assert privacy.check_budget(acc, p) <= 4.0
 
 
 def test_default_delta_is_below_one_over_n():

@@ -1,0 +1,139 @@
+"""An institution's privacy ledger: what each dataset has spent, kept on its own disk.
+
+One JSON file per dataset, named by the dataset's fingerprint, so the budget follows
+the data across runs (not the run). It holds the Opacus accountant's history and a
+line per round (run, round, steps, sample rate, noise multiplier, ε after). It is
+rewritten atomically (temporary file, fsync, rename) *before* the round's update is
+returned, so a crash can never lose spend; a (run, round) already in the ledger is
+never trained or counted again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from opacus.accountants import create_accountant
+from opacus.accountants.accountant import IAccountant
+
+SCHEMA = "fedsilo.ledger/1"
+
+
+class LedgerError(RuntimeError):
+    """The ledger file is unreadable or belongs to another dataset or accountant."""
+
+
+def dataset_fingerprint(texts: list[str], labels: list[str]) -> str:
+    """SHA-256 of the (text, label) records, independent of their order."""
+    digest = hashlib.sha256()
+    for text, label in sorted(zip(texts, labels, strict=True)):
+        digest.update(json.dumps([text, label]).encode("utf-8"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One round an institution trained and released."""
+
+    run: int
+    round: int
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    delta: float
+    epsilon: float
+    at: str
+
+
+@dataclass
+class Ledger:
+    """The spend of one dataset; load it with :meth:`open`."""
+
+    path: Path
+    fingerprint: str
+    accountant: str
+    entries: list[Entry] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, folder: Path, fingerprint: str, accountant: str) -> Ledger:
+        """Load the dataset's ledger from ``folder`` (an empty one if none exists)."""
+        path = folder / f"{fingerprint[:32]}.json"
+        if not path.exists():
+            return cls(path, fingerprint, accountant)
+        try:
+            doc = json.loads(path.read_text("utf-8"))
+            entries = [Entry(**e) for e in doc["entries"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LedgerError(f"privacy ledger {path} is unreadable ({err}); restore it from "
+                              "a backup: without it this dataset's spend is unknown") from None
+        if doc.get("fingerprint") != fingerprint:
+            raise LedgerError(f"privacy ledger {path} belongs to another dataset")
+        if doc.get("accountant") != accountant:
+            raise LedgerError(f"privacy ledger {path} was kept with the {doc.get('accountant')}"
+                              f" accountant; keep using --accountant {doc.get('accountant')}")
+        return cls(path, fingerprint, accountant, entries)
+
+    def history(self, exclude_run: int | None = None) -> list[tuple[float, float, int]]:
+        """The accountant history ``(σ, q, steps)``, merged like Opacus.
+
+        ``exclude_run`` leaves one run's rounds out (the spend before that run).
+        """
+        out: list[tuple[float, float, int]] = []
+        for e in self.entries:
+            if e.run == exclude_run:
+                continue
+            if out and out[-1][:2] == (e.noise_multiplier, e.sample_rate):
+                out[-1] = (e.noise_multiplier, e.sample_rate, out[-1][2] + e.steps)
+            else:
+                out.append((e.noise_multiplier, e.sample_rate, e.steps))
+        return out
+
+    def restore(self) -> IAccountant:
+        """An Opacus accountant holding this dataset's whole history."""
+        acc = create_accountant(self.accountant)
+        acc.history = self.history()
+        return acc
+
+    def spent(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (0 before any step)."""
+        return float(self.restore().get_epsilon(delta)) if self.entries else 0.0
+
+    def has(self, run: int, server_round: int) -> bool:
+        """Whether this (run, round) was already trained and counted."""
+        return any(e.run == run and e.round == server_round for e in self.entries)
+
+    def record(self, run: int, server_round: int, steps: int, sample_rate: float,
+               noise_multiplier: float, delta: float) -> float:
+        """Add a trained round, persist atomically and return ε after it."""
+        entry = Entry(run, server_round, steps, sample_rate, noise_multiplier, delta, 0.0,
+                      dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        self.entries.append(entry)
+        epsilon = self.spent(delta)
+        self.entries[-1] = Entry(**{**asdict(entry), "epsilon": epsilon})
+        self._write()
+        return epsilon
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"schema": SCHEMA, "fingerprint": self.fingerprint, "accountant": self.accountant,
+               "entries": [asdict(e) for e in self.entries]}
+        fd, tmp = tempfile.mkstemp(prefix=".ledger-", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
