@@ -94,12 +94,13 @@ class RunReport:
         """Record each institution's training reply (ε, δ, size) or its error."""
         entry = self._round(server_round)
         for msg in replies:
-            name = institution_name(msg)
-            if msg.has_error():
+            if msg.has_error():  # an error reply has no content, hence no name record
                 declined = msg.error.code == DECLINED_CODE
                 entry["declined" if declined else "failures"].append(
-                    msg.error.reason if declined else f"{name}: {msg.error.reason}")
+                    msg.error.reason if declined
+                    else f"node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
+            name = institution_name(msg)
             m = msg.content["metrics"]
             size = sum(array_record_bytes(r) for r in msg.content.array_records.values())
             entry["bytes_received"] += size

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsilo.common.wire import DECLINED_CODE
+from fedsilo.server.report import RunReport
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _reply(content=None, error=None):
+    request = Message(content=RecordDict(), dst_node_id=5, message_type="train")
+    return Message(error, reply_to=request) if error else Message(content, reply_to=request)
+
+
+def test_round_records_updates_declines_and_failures(tmp_path):
+    report = RunReport(tmp_path, ["a", "b"], {"dp": True}, num_rounds=2)
+    arrays = ArrayRecord({"w": torch.zeros(4, 8)})
+    ok = _reply(RecordDict({
+        "arrays": arrays,
+        "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.5, "epsilon": 2.0,
+                                 "delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.1,
+                                 "steps": 10}),
+        "institution": ConfigRecord({"name": "hospital-a"}),
+    }))
+    declined = _reply(error=Error(code=DECLINED_CODE, reason="hospital-b: declined: budget"))
+    failed = _reply(error=Error(code=1, reason="boom"))
+    report.record_train(1, [ok, declined, failed])
+    report.finish_round(1)
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    entry = doc["rounds"][0]
+    assert entry["institutions"]["hospital-a"]["epsilon"] == 2.0
+    assert entry["bytes_received"] == len(arrays["w"].data) >= 4 * 8 * 4
+    assert entry["declined"] == ["hospital-b: declined: budget"]
+    assert len(entry["failures"]) == 1 and entry["failures"][0].endswith(": boom")
+    assert entry["train_loss"] == 1.5
+    line = report.progress_line(entry)
+    assert "1 declined" in line and "1 failed" in line and "hospital-a 2.00" in line
