@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsilo.common.logs import configure_logging
+from fedsilo.server.kit_template import client_toml
 
 log = logging.getLogger("fedsilo.provision")
 
@@ -219,41 +220,6 @@ def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-def _client_toml(name: str, superlink: str) -> str:
-    return f'''\
-# fedsilo client configuration for institution "{name}".
-# Relative paths are relative to the folder holding this file (the kit folder).
-
-institution = "{name}"
-
-# The coordinator's SuperLink and the CA that signed its TLS certificate.
-superlink = "{superlink}"
-root-certificates = "ca.pem"
-
-# This institution's node-authentication key (OpenSSH, ECDSA P-384). Keep it secret;
-# the coordinator has registered its public half (node.pub).
-auth-private-key = "node.key"
-
-# ---- Local data: EDIT ----------------------------------------------------------------
-# A .csv, .jsonl or .parquet file. It is read here and never leaves this machine.
-data = "data/train.csv"
-text-column = "text"
-label-column = "label"
-
-# ---- Local privacy policy: EDIT ------------------------------------------------------
-# These are this institution's OWN limits for record-level DP-SGD, decided here and not
-# by the coordinator: the privacy budget of each dataset (across all runs, kept in the
-# ledger below) and the per-example clipping.
-target-epsilon = 8.0
-# 0 = automatic: min(1e-5, 0.1 / number of local training examples).
-target-delta = 0.0
-max-grad-norm = 1.0
-# Where this institution's privacy ledger lives (ε spent per dataset). Back it up;
-# `flower-client --config client.toml --ledger` prints it.
-ledger-dir = "ledger"
-'''
-
-
 def _ensure_kit(kit: Path, name: str, superlink: str, ca_pem: bytes) -> tuple[bytes, bool]:
     """Create or complete one kit; return its OpenSSH public-key line and whether it is new."""
     key_path, existed = kit / "node.key", kit.exists()
@@ -268,7 +234,7 @@ def _ensure_kit(kit: Path, name: str, superlink: str, ca_pem: bytes) -> tuple[by
     pub = key.public_key().public_bytes(_SSH, serialization.PublicFormat.OpenSSH)
     pub += f" fedsilo:{name}\n".encode()
     files = {"node.pub": pub, "ca.pem": ca_pem,
-             "client.toml": _client_toml(name, superlink).encode()}
+             "client.toml": client_toml(name, superlink).encode()}
     for fname, data in files.items():
         if not (kit / fname).exists():
             _write(kit / fname, data)
