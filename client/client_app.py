@@ -44,11 +44,11 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)
 def _prepared(
     cfg: FedsiloConfig, partition: tuple[int, int] | None, name: str
-) -> tuple[InstitutionData, TensorDataset, TensorDataset]:
-    """Load and tokenise this institution's data once per process."""
+) -> tuple[InstitutionData, TensorDataset, TensorDataset, str]:
+    """Load, tokenise and fingerprint this institution's data once per process."""
     if partition is not None:
         data = simulated_institution(cfg.data, cfg.train.seed, *partition)
     else:
@@ -57,7 +57,7 @@ def _prepared(
     tokenizer = load_tokenizer(cfg.model)
     train_set = encode(tokenizer, data.train, labels, cfg.model.max_length)
     test_set = encode(tokenizer, data.test, labels, cfg.model.max_length)
-    return data, train_set, test_set
+    return data, train_set, test_set, dataset_fingerprint(data.train.texts, data.train.labels)
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,10 @@ def _setup(msg: Message, context: Context) -> _Task:
     else:  # a real institution: its node config holds its data and privacy policy
         cfg, policy = institution_config(cfg, node)
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
-    data, train_set, test_set = _prepared(cfg, partition, name)
+    data, train_set, test_set, fingerprint = _prepared(cfg, partition, name)
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     set_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     device = resolve_device(cfg.model.device)
-    fingerprint = dataset_fingerprint(data.train.texts, data.train.labels)
     return _Task(cfg, policy, data, fingerprint, train_set, test_set, model.to(device), device)
 
 
@@ -147,20 +146,22 @@ def train(msg: Message, context: Context) -> Message:
     A declined round (budget, duplicate, policy) is answered with an error whose
     reason starts with ``declined:``; the coordinator reports it apart from failures.
     """
-    task = _setup(msg, context)
-    data, n = task.data, len(task.train_set)
     try:
+        task = _setup(msg, context)
         if task.cfg.privacy.dp:
             result, dp_metrics = _train_private(task, msg, context)
         else:
             log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee",
-                        data.name)
+                        task.data.name)
             result = train_plain(task.model, task.train_set, task.cfg, task.device)
             dp_metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0,
                           "sample-rate": 0.0}
     except privacy.DeclinedError as err:
-        log.warning("%s: %s", data.name, err)
-        return Message(Error(code=DECLINED_CODE, reason=f"{data.name}: {err}"), reply_to=msg)
+        node = context.node_config
+        name = node.get(NAME_KEY) or f"institution-{node.get('partition-id', context.node_id)}"
+        log.warning("%s: %s", name, err)
+        return Message(Error(code=DECLINED_CODE, reason=f"{name}: {err}"), reply_to=msg)
+    data, n = task.data, len(task.train_set)
     metrics = {"num-examples": n, **dp_metrics, "train-loss": result.loss,
                "steps": result.steps}
     arrays = ArrayRecord(get_trainable_state(task.model))

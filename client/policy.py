@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fedsilo.client.privacy import default_delta
+from fedsilo.client.privacy import DeclinedError, default_delta
 from fedsilo.common.config import ConfigError, FedsiloConfig
 
 #: Node-config keys that name the institution's data; they replace the run's values.
@@ -32,7 +32,7 @@ NAME_KEY = "institution"
 LEDGER_KEY = "ledger-dir"
 
 
-class PolicyError(RuntimeError):
+class PolicyError(DeclinedError):
     """The coordinator asked for something the institution's policy forbids."""
 
 
