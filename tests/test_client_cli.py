@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,21 @@ def test_node_config_reaches_flower_intact():
                     "text-column": "note", "target-epsilon": 3.0, "allow-no-dp": True}
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == "/k/node.key"
     assert "--insecure" not in cmd
+
+
+def test_ledger_command_prints_spend_against_the_budget(tmp_path, caplog):
+    from fedsilo.client import cli
+    from fedsilo.client.ledger import Ledger
+
+    ledger = Ledger.open(tmp_path / "ledger", "e" * 64, "rdp")
+    eps = ledger.record(3, 1, 40, 0.05, 1.0, 1e-5)
+    args = ["--ledger", "--institution", "h", "--superlink", "x:1", "--data", "d.csv",
+            "--ledger-dir", str(tmp_path / "ledger"), "--target-epsilon", "6"]
+    logger = logging.getLogger("fedsilo")
+    logger.addHandler(caplog.handler)
+    try:
+        assert cli.main(args) == 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"ε spent {eps:.4f} / budget 6.0" in caplog.text
+    assert "1 round(s) in 1 run(s)" in caplog.text
