@@ -38,7 +38,14 @@ from cryptography.hazmat.primitives.serialization import (
 
 from fedsilo.client.ledger import Ledger, LedgerError
 from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
-from fedsilo.common.config import ConfigError, FedsiloConfig, config_args, parse_labels
+from fedsilo.common.config import (
+    DEFAULT_MODEL,
+    ConfigError,
+    FedsiloConfig,
+    ModelConfig,
+    config_args,
+    parse_labels,
+)
 from fedsilo.common.data import DataError, LabelMap, load_records
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
@@ -99,8 +106,7 @@ def preflight(settings: dict[str, Any]) -> None:
     else:
         log.info("no 'labels' given: labels are checked against the federation's when the "
                  "run starts")
-    load_tokenizer(FedsiloConfig().model.model_copy(
-        update={"model": settings.get("model", FedsiloConfig().model.model)}))
+    load_tokenizer(ModelConfig(model=settings.get("model", DEFAULT_MODEL)))
     if settings.get("insecure"):
         return
     for key in ("root-certificates", "auth-private-key"):

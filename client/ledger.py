@@ -21,6 +21,8 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 
+from fedsilo.client.privacy import add_steps
+
 SCHEMA = "fedsilo.ledger/1"
 
 
@@ -85,12 +87,8 @@ class Ledger:
         """
         out: list[tuple[float, float, int]] = []
         for e in self.entries:
-            if e.run == exclude_run:
-                continue
-            if out and out[-1][:2] == (e.noise_multiplier, e.sample_rate):
-                out[-1] = (e.noise_multiplier, e.sample_rate, out[-1][2] + e.steps)
-            else:
-                out.append((e.noise_multiplier, e.sample_rate, e.steps))
+            if e.run != exclude_run:
+                out = add_steps(out, e.noise_multiplier, e.sample_rate, e.steps)
         return out
 
     def restore(self) -> IAccountant:

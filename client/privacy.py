@@ -46,6 +46,14 @@ class DPPlan:
     delta: float
 
 
+def add_steps(history: list[tuple[float, float, int]], sigma: float, rate: float,
+              steps: int) -> list[tuple[float, float, int]]:
+    """Append ``steps`` at ``(σ, q)`` to an accountant history, merging like Opacus."""
+    if history and history[-1][:2] == (sigma, rate):
+        return [*history[:-1], (sigma, rate, history[-1][2] + steps)]
+    return [*history, (sigma, rate, steps)]
+
+
 def _epsilon(history: History, mechanism: str, delta: float) -> float:
     acc = create_accountant(mechanism)
     acc.history = list(history)
@@ -116,12 +124,8 @@ def check_budget(accountant: IAccountant, dp_plan: DPPlan) -> float:
     BudgetExceededError
         If one more round at the planned noise would pass the target ε.
     """
-    history = list(accountant.history)
-    step = (dp_plan.noise_multiplier, dp_plan.sample_rate, dp_plan.steps_per_round)
-    if history and history[-1][:2] == step[:2]:
-        history[-1] = (*step[:2], history[-1][2] + step[2])
-    else:
-        history.append(step)
+    history = add_steps(list(accountant.history), dp_plan.noise_multiplier,
+                        dp_plan.sample_rate, dp_plan.steps_per_round)
     after = _epsilon(tuple(history), accountant.mechanism(), dp_plan.delta)
     if after > dp_plan.target_epsilon:
         before = spent_epsilon(accountant, dp_plan.delta)
