@@ -8,22 +8,27 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
 from fedsilo.client import privacy
-from fedsilo.client.ledger import Ledger, dataset_fingerprint
+from fedsilo.client.ledger import Ledger, dataset_fingerprint, keep_update
+from fedsilo.client.messages import (
+    Request,
+    SecAggRangeError,
+    check_secagg_range,
+    evaluate_reply,
+    name_arrays,
+    read_request,
+    released_arrays,
+    secagg_mod,
+    train_reply,
+)
 from fedsilo.client.policy import NAME_KEY, Policy, institution_config
 from fedsilo.client.train import TrainResult, train_plain, train_private
 from fedsilo.common.config import FedsiloConfig
@@ -35,13 +40,14 @@ from fedsilo.common.model import (
     load_tokenizer,
     resolve_device,
     set_trainable_state,
+    trainable_names,
 )
 from fedsilo.common.task import encode, evaluate, federation_labels
-from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
+from fedsilo.common.wire import DECLINED_CODE, SECAGG_RANGE_CODE, UNIFORM_WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,9 +78,10 @@ class _Task:
     test_set: TensorDataset
     model: PreTrainedModel
     device: torch.device
+    received: dict[str, np.ndarray]
 
 
-def _setup(msg: Message, context: Context) -> _Task:
+def _setup(request: Request, context: Context) -> _Task:
     """Resolve settings, load this institution's data and the received global model."""
     configure_logging()
     cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
@@ -87,38 +94,46 @@ def _setup(msg: Message, context: Context) -> _Task:
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     data, train_set, test_set, fingerprint = _prepared(cfg, partition, name)
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
-    set_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+    received = name_arrays(request, trainable_names(model))
+    set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
     device = resolve_device(cfg.model.device)
-    return _Task(cfg, policy, data, fingerprint, train_set, test_set, model.to(device), device)
+    return _Task(cfg, policy, data, fingerprint, train_set, test_set, model.to(device), device,
+                 received)
 
 
-def _reply(
-    msg: Message, name: str, metrics: dict[str, float], arrays: ArrayRecord | None
-) -> Message:
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), INSTITUTION_KEY: ConfigRecord({"name": name})}
-    )
-    if arrays is not None:
-        content["arrays"] = arrays
-    return Message(content=content, reply_to=msg)
-
-
-def _ledger(task: _Task, run: int) -> Ledger:
-    """Open the dataset's ledger.
+def _ledger_dir(task: _Task, run: int) -> Path:
+    """Where the dataset's ledger lives.
 
     A deployed institution keeps it in its own folder; a virtual institution of a
     simulation keeps one per run in the output folder.
     """
-    folder = Path(task.policy.ledger_dir) if task.policy.ledger_dir else (
+    return Path(task.policy.ledger_dir) if task.policy.ledger_dir else (
         Path(task.cfg.federation.output_dir) / "ledgers" / f"run-{run}" / task.data.name)
-    return Ledger.open(folder, task.fingerprint, task.cfg.privacy.accountant)
 
 
-def _train_private(task: _Task, msg: Message, context: Context) -> tuple[TrainResult, dict]:
-    """Check the budget, train with DP-SGD, and record the spend before replying."""
+def _release(task: _Task, request: Request, context: Context) -> dict[str, np.ndarray]:
+    """The arrays this round releases: clipped (client-level DP), range-checked (SecAgg+)."""
+    state = {k: v.numpy() for k, v in get_trainable_state(task.model).items()}
+    if KEY_CLIPPING_NORM in request.config:  # client-level DP, clipped here
+        trained = list(state.values())
+        compute_clip_model_update(trained, [task.received[k] for k in state],
+                                  float(request.config[KEY_CLIPPING_NORM]))
+        state = dict(zip(state, trained, strict=True))
+        log.info("%s: update clipped to L2 norm %s (client-level DP)", task.data.name,
+                 request.config[KEY_CLIPPING_NORM])
+    released = released_arrays(request, state, task.received)
+    if request.legacy:
+        check_secagg_range(context, list(released.values()), len(task.train_set))
+    return released
+
+
+def _train_private(task: _Task, request: Request, context: Context) -> tuple[
+    TrainResult, dict[str, float], dict[str, np.ndarray]
+]:
+    """Check the budget, train with DP-SGD, and record the spend before anything leaves."""
     cfg, n = task.cfg, len(task.train_set)
-    run, server_round = context.run_id, int(msg.content["config"]["server-round"])
-    ledger = _ledger(task, run)
+    run, server_round = context.run_id, int(request.config["server-round"])
+    ledger = Ledger.open(_ledger_dir(task, run), task.fingerprint, cfg.privacy.accountant)
     if ledger.has(run, server_round):
         raise privacy.DeclinedError(f"declined: round {server_round} of run {run} was already "
                                     "trained; an update is never released twice")
@@ -132,11 +147,36 @@ def _train_private(task: _Task, msg: Message, context: Context) -> tuple[TrainRe
     privacy.check_budget(ledger.restore(), dp_plan)  # before any training step
     result = train_private(task.model, task.train_set, cfg, dp_plan, ledger.restore(),
                            task.device)
+    released = _release(task, request, context)
     epsilon = ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
                             dp_plan.noise_multiplier, delta)
     return result, {"epsilon": epsilon, "delta": delta,
                     "noise-multiplier": dp_plan.noise_multiplier,
-                    "sample-rate": dp_plan.sample_rate}
+                    "sample-rate": dp_plan.sample_rate}, released
+
+
+def _train_without_record_dp(task: _Task, request: Request, context: Context) -> tuple[
+    TrainResult, dict[str, float], dict[str, np.ndarray]
+]:
+    """Plain local training: DP off, or client-level DP (noise added by the coordinator)."""
+    if not task.cfg.privacy.dp:
+        log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee",
+                    task.data.name)
+    result = train_plain(task.model, task.train_set, task.cfg, task.device)
+    metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0, "sample-rate": 0.0}
+    return result, metrics, _release(task, request, context)
+
+
+def _name(context: Context) -> str:
+    node = context.node_config
+    return str(node.get(NAME_KEY) or
+               f"institution-{node.get('partition-id', context.node_id)}")
+
+
+def _uniform_weight(cfg: FedsiloConfig) -> dict[str, float]:
+    """Client-level DP averages uniformly; Flower's accountant checks the weights."""
+    return {UNIFORM_WEIGHT_KEY: 1.0} if cfg.privacy.dp and cfg.privacy.dp_level == "client" \
+        else {}
 
 
 @app.train()
@@ -146,41 +186,39 @@ def train(msg: Message, context: Context) -> Message:
     A declined round (budget, duplicate, policy) is answered with an error whose
     reason starts with ``declined:``; the coordinator reports it apart from failures.
     """
+    request = read_request(msg)
     try:
-        task = _setup(msg, context)
-        if task.cfg.privacy.dp:
-            result, dp_metrics = _train_private(task, msg, context)
-        else:
-            log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee",
-                        task.data.name)
-            result = train_plain(task.model, task.train_set, task.cfg, task.device)
-            dp_metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0,
-                          "sample-rate": 0.0}
+        task = _setup(request, context)
+        record_level = task.cfg.privacy.dp and task.cfg.privacy.dp_level == "record"
+        result, dp_metrics, released = (_train_private if record_level
+                                        else _train_without_record_dp)(task, request, context)
     except privacy.DeclinedError as err:
-        node = context.node_config
-        name = node.get(NAME_KEY) or f"institution-{node.get('partition-id', context.node_id)}"
-        log.warning("%s: %s", name, err)
-        return Message(Error(code=DECLINED_CODE, reason=f"{name}: {err}"), reply_to=msg)
-    data, n = task.data, len(task.train_set)
+        log.warning("%s: %s", _name(context), err)
+        return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
+                       reply_to=msg)
+    except SecAggRangeError as err:
+        log.error("%s: %s", _name(context), err)
+        return Message(Error(code=SECAGG_RANGE_CODE, reason=f"{_name(context)}: {err}"),
+                       reply_to=msg)
+    n = len(task.train_set)
     metrics = {"num-examples": n, **dp_metrics, "train-loss": result.loss,
-               "steps": result.steps}
-    arrays = ArrayRecord(get_trainable_state(task.model))
-    log.info(
-        "%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
-        data.name, result.steps, n, result.loss, metrics["epsilon"], array_record_bytes(arrays),
-    )
-    return _reply(msg, data.name, metrics, arrays)
+               "steps": result.steps, **_uniform_weight(task.cfg)}
+    if task.cfg.privacy.keep_updates:
+        keep_update(_ledger_dir(task, context.run_id), task.fingerprint, context.run_id,
+                    int(request.config["server-round"]), released, n)
+    reply = train_reply(msg, request, task.data.name, metrics, released)
+    log.info("%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
+             task.data.name, result.steps, n, result.loss, metrics["epsilon"],
+             sum(a.nbytes for a in released.values()))
+    return reply
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received global tensors on the institution's held-out data."""
-    task = _setup(msg, context)
+    request = read_request(msg)
+    task = _setup(request, context)
     res = evaluate(task.model, task.test_set, task.device)
-    metrics = {
-        "num-examples": res.num_examples,
-        "loss": res.loss,
-        "accuracy": res.accuracy,
-        "macro-f1": res.macro_f1,
-    }
-    return _reply(msg, task.data.name, metrics, None)
+    metrics = {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
+               "macro-f1": res.macro_f1, **_uniform_weight(task.cfg)}
+    return evaluate_reply(msg, request, task.data.name, metrics)

@@ -15,9 +15,11 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 
@@ -135,3 +137,23 @@ class Ledger:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def keep_update(folder: Path, fingerprint: str, run: int, server_round: int,
+                released: Mapping[str, np.ndarray], num_examples: int) -> Path:
+    """Save a released update beside the ledger (``keep-updates``), atomically.
+
+    The file ``released/<dataset>-run-<run>-round-<round>.npz`` holds the arrays
+    exactly as they left (the update itself under SecAgg+) and ``__num_examples__``.
+    """
+    path = folder / "released" / f"{fingerprint[:32]}-run-{run}-round-{server_round}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".update-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __num_examples__=np.int64(num_examples), **released)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -9,7 +9,8 @@ coordinator sends can loosen the institution's policy:
 - the effective target ε is the smaller of the two, and so is δ (the institution's
   δ defaults to ``min(1e-5, 0.1/n)``);
 - the clipping norm is the institution's when it sets one;
-- DP stays on unless the institution itself allows it off (``allow-no-dp``).
+- record-level DP stays on unless the institution itself allows it off
+  (``allow-no-dp``, which also admits client-level-DP runs).
 
 The noise multiplier is always calibrated locally from the effective (ε, δ), so the
 coordinator cannot lower it either.
@@ -78,6 +79,12 @@ def institution_config(
         raise PolicyError(
             "declined: the coordinator's run turns DP off, which this institution's "
             "policy does not allow (set allow-no-dp = true in client.toml to permit it)"
+        )
+    if run.privacy.dp and run.privacy.dp_level == "client" and not node.get("allow-no-dp"):
+        raise PolicyError(
+            "declined: the coordinator's run uses client-level DP, so this institution's "
+            "update would leave without record-level noise (the coordinator adds noise "
+            "after aggregation); set allow-no-dp = true in client.toml to permit it"
         )
     if "target-epsilon" in node:
         changes["target-epsilon"] = min(float(node["target-epsilon"]),

@@ -89,6 +89,22 @@ class PrivacyConfig(_Section):
     grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = Field(
         "ghost", description="Opacus per-example gradient mode"
     )
+    dp_level: Literal["record", "client"] = Field(
+        "record", description="record: DP-SGD at each institution (Opacus; protects each "
+        "record); client: Flower's client-level DP (whole updates clipped, noise added by "
+        "the coordinator; protects each institution's participation, a different guarantee "
+        "for many-institution federations, see docs/privacy.md)"
+    )
+    update_clipping: Literal["institution", "coordinator"] = Field(
+        "institution", description="client-level DP: where each whole update is clipped"
+    )
+    update_clipping_norm: float = Field(
+        1.0, gt=0, description="client-level DP: L2 bound on one institution's whole update"
+    )
+    keep_updates: bool = Field(
+        False, description="each institution also saves every update it releases "
+        "(.npz beside its ledger) for its own audit"
+    )
 
 
 class TrainConfig(_Section):
@@ -113,6 +129,27 @@ class FederationConfig(_Section):
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
     output_dir: str = Field("outputs", min_length=1, description="folder for the final "
                             "model and metrics.json")
+    secure_aggregation: bool = Field(
+        False, description="SecAgg+: the coordinator learns only the sum of the updates "
+        "(Flower's SecAgg+ on its legacy workflow; fedavg only)"
+    )
+    secagg_clipping_range: float = Field(
+        4.0, gt=0, description="SecAgg+: largest |value| of an update coordinate that "
+        "quantization represents; an institution whose update exceeds it fails the round "
+        "instead of sending a silently clipped value"
+    )
+    secagg_max_weight: int = Field(
+        100_000, ge=1, description="SecAgg+: most training examples one institution may weigh "
+        "in the average (an institution with more fails the round)"
+    )
+    secagg_num_shares: float = Field(
+        1.0, gt=0, le=1, description="SecAgg+: share of the sampled institutions each one "
+        "secret-shares its keys with"
+    )
+    secagg_threshold: float = Field(
+        0.67, gt=0, le=1, description="SecAgg+: share of those shares needed to unmask "
+        "(higher = safer against collusion, less tolerant of dropouts)"
+    )
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -160,6 +197,17 @@ class FedsiloConfig(BaseModel):
                 f"min-train ({self.federation.min_train}) cannot exceed min-available "
                 f"({self.federation.min_available})"
             )
+        fed, priv = self.federation, self.privacy
+        if fed.secure_aggregation and fed.strategy != "fedavg":
+            raise ValueError("secure-aggregation works with strategy 'fedavg' only "
+                             f"(got --strategy {fed.strategy})")
+        if fed.secure_aggregation and priv.dp and priv.dp_level == "client":
+            raise ValueError("secure-aggregation cannot be combined with dp-level 'client' "
+                             "(Flower adds client-level noise on its newer workflow only); "
+                             "use dp-level 'record' with SecAgg+")
+        if priv.dp and priv.dp_level == "client" and fed.strategy != "fedavg":
+            raise ValueError("dp-level 'client' needs strategy 'fedavg' (Flower's accountant "
+                             "assumes a uniform average)")
         return self
 
     # ------------------------------------------------------------ flat view

@@ -8,6 +8,11 @@ from flwr.app import ArrayRecord
 INSTITUTION_KEY = "institution"
 #: Error code of a reply by which an institution declines a round (budget, policy).
 DECLINED_CODE = 4100
+#: Error code of a reply whose update SecAgg+ could not represent (range, weight).
+SECAGG_RANGE_CODE = 4101
+#: Metric every reply carries under client-level DP: Flower's accountant needs a
+#: uniform average, so each institution weighs 1.
+UNIFORM_WEIGHT_KEY = "uniform-weight"
 
 
 def array_record_bytes(record: ArrayRecord) -> int:

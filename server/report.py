@@ -15,11 +15,15 @@
           "federated_eval": {"loss", "accuracy", "macro_f1", "num_examples"}|null,
           "centralized_eval": {"loss", "accuracy", "macro_f1", "num_examples"}|null,
           "bytes_received": int,            # update payload bytes, all institutions
+                                            # (0 under SecAgg+: only masked vectors travel)
           "institutions": {
             name: {"num_examples", "train_loss", "epsilon" (cumulative; null = DP
                    off), "delta", "noise_multiplier", "sample_rate", "steps",
                    "bytes_received"}
           },
+          "client_level_dp": {"epsilon", "delta", "releases", "noise_multiplier",
+                              "clipping_norm"}|null,  # dp-level client: Flower's
+                                            # accountant, cumulative
           "failures": [str, ...],           # errors institutions replied with
           "declined": [str, ...],           # rounds institutions declined (budget,
                                             # policy, duplicate) with their reason
@@ -36,10 +40,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message, MetricRecord
+from flwr.app import Message
 
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
@@ -49,7 +54,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "fedsilo.metrics/1"
 
 
-def _eval_dict(metrics: MetricRecord | EvalResult | None) -> dict[str, float] | None:
+def _eval_dict(metrics: Mapping[str, float] | EvalResult | None) -> dict[str, float] | None:
     if metrics is None:
         return None
     if isinstance(metrics, EvalResult):
@@ -87,36 +92,52 @@ class RunReport:
             rounds.append({"round": server_round, "train_loss": None, "federated_eval": None,
                            "centralized_eval": None, "bytes_received": 0,
                            "institutions": {}, "failures": [], "declined": [],
-                           "seconds": 0.0})
+                           "client_level_dp": None, "seconds": 0.0})
         return rounds[-1]
 
     def record_train(self, server_round: int, replies: list[Message]) -> None:
         """Record each institution's training reply (ε, δ, size) or its error."""
-        entry = self._round(server_round)
         for msg in replies:
             if msg.has_error():  # an error reply has no content, hence no name record
-                declined = msg.error.code == DECLINED_CODE
-                entry["declined" if declined else "failures"].append(
-                    msg.error.reason if declined
-                    else f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                self.record_error(server_round, msg.error.code, msg.error.reason,
+                                  msg.metadata.src_node_id)
                 continue
-            name = institution_name(msg)
-            m = msg.content["metrics"]
             size = sum(array_record_bytes(r) for r in msg.content.array_records.values())
-            entry["bytes_received"] += size
-            entry["institutions"][name] = {
-                "num_examples": int(m["num-examples"]), "train_loss": float(m["train-loss"]),
-                "epsilon": _finite(float(m["epsilon"])), "delta": float(m["delta"]),
-                "noise_multiplier": float(m["noise-multiplier"]),
-                "sample_rate": float(m["sample-rate"]), "steps": int(m["steps"]),
-                "bytes_received": size,
-            }
+            self.record_update(server_round, institution_name(msg),
+                               dict(msg.content["metrics"]), size)
+
+    def record_error(self, server_round: int, code: int, reason: str,
+                     node_id: int | None) -> None:
+        """Record a declined round (``DECLINED_CODE``) or a failed one."""
+        entry = self._round(server_round)
+        declined = code == DECLINED_CODE
+        entry["declined" if declined else "failures"].append(
+            reason if declined or node_id is None else f"node {node_id}: {reason}")
+
+    def record_update(self, server_round: int, name: str, m: Mapping[str, Any],
+                      size: int) -> None:
+        """Record one institution's update: its metrics and payload bytes."""
+        entry = self._round(server_round)
+        entry["bytes_received"] += size
+        entry["institutions"][name] = {
+            "num_examples": int(m["num-examples"]), "train_loss": float(m["train-loss"]),
+            "epsilon": _finite(float(m["epsilon"])), "delta": float(m["delta"]),
+            "noise_multiplier": float(m["noise-multiplier"]),
+            "sample_rate": float(m["sample-rate"]), "steps": int(m["steps"]),
+            "bytes_received": size,
+        }
         stats = entry["institutions"].values()
         total = sum(s["num_examples"] for s in stats)
         if total:
-            entry["train_loss"] = sum(s["train_loss"] * s["num_examples"] for s in stats) / total
+            entry["train_loss"] = sum(s["train_loss"] * s["num_examples"]
+                                      for s in stats) / total
 
-    def record_federated_eval(self, server_round: int, metrics: MetricRecord | None) -> None:
+    def record_client_level(self, server_round: int, spent: dict[str, float]) -> None:
+        """Record the coordinator's client-level (ε, δ, releases, σ, C) after a release."""
+        self._round(server_round)["client_level_dp"] = dict(spent)
+
+    def record_federated_eval(self, server_round: int,
+                              metrics: Mapping[str, float] | None) -> None:
         """Record the example-weighted mean of the institutions' local evaluations."""
         self._round(server_round)["federated_eval"] = _eval_dict(metrics)
 
@@ -145,8 +166,10 @@ class RunReport:
                              f"macro-F1 {entry[key]['macro_f1']:.3f}")
         eps = [f"{n} {s['epsilon']:.2f}" if s["epsilon"] is not None else f"{n} no-DP"
                for n, s in sorted(entry["institutions"].items())]
-        if eps:
+        if eps and self.doc["config"].get("dp-level") != "client":
             parts.append("ε " + ", ".join(eps))
+        if entry["client_level_dp"]:
+            parts.append(f"client-level ε {entry['client_level_dp']['epsilon']:.2f}")
         if entry["failures"]:
             parts.append(f"{len(entry['failures'])} failed")
         if entry["declined"]:

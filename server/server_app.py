@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,9 +22,10 @@ from fedsilo.common.model import (
     resolve_device,
     set_trainable_state,
 )
-from fedsilo.common.task import encode, evaluate, federation_labels
+from fedsilo.common.task import EvalResult, encode, evaluate, federation_labels
 from fedsilo.server.outputs import save_model
 from fedsilo.server.report import RunReport
+from fedsilo.server.secagg import Evaluator, SecAggFedAvg, run_secagg
 from fedsilo.server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,49 @@ def main(grid: Grid, context: Context) -> None:
         eval_set = encode(tokenizer, holdout, labels, cfg.model.max_length)
         report.doc["holdout_majority_rate"] = majority_rate(eval_set.tensors[2].numpy())
 
+    def centralized(server_round: int, arrays: dict[str, np.ndarray]) -> EvalResult | None:
+        if eval_set is None:
+            return None
+        set_trainable_state(model, {k: torch.from_numpy(np.asarray(v))
+                                    for k, v in arrays.items()})
+        return evaluate(model.to(device), eval_set, device)
+
+    log.info("fedsilo run: %d rounds, %d labels, trainable=%s, DP %s, output %s",
+             cfg.federation.num_rounds, labels.num_labels, cfg.model.trainable,
+             _dp_summary(cfg), out)
+    if not cfg.privacy.dp:
+        log.warning("DP is OFF (--no-dp): institutions' updates carry no privacy guarantee")
+    initial = get_trainable_state(model)
+    if cfg.federation.secure_aggregation:
+        strategy = SecAggFedAvg(cfg.federation, list(initial),
+                                [t.numpy() for t in initial.values()], report, centralized)
+        final = run_secagg(grid, context, cfg.federation, strategy)
+    else:
+        final = _run_message_api(grid, cfg, report, initial, centralized)
+    if not any(r["institutions"] for r in report.doc["rounds"]):
+        raise RuntimeError("no institution returned an update in any round; nothing to save "
+                           "(see the failures in metrics.json)")
+    set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in final.items()})
+    save_model(model, tokenizer, out / "model")
+    report.complete()
+    log.info("saved the global model to %s and metrics to %s", out / "model", report.path)
+
+
+def _dp_summary(cfg: FedsiloConfig) -> str:
+    if not cfg.privacy.dp:
+        return "OFF"
+    level = "client-level" if cfg.privacy.dp_level == "client" else "record-level"
+    return f"{level}, target ε={cfg.privacy.target_epsilon}"
+
+
+def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
+                     initial: dict[str, torch.Tensor], centralized: Evaluator,
+                     ) -> dict[str, np.ndarray]:
+    """Run all rounds with a Message-API strategy; return the final tensors by name."""
+
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        result = None
-        if eval_set is not None:
-            set_trainable_state(model, arrays.to_torch_state_dict())
-            result = evaluate(model.to(device), eval_set, device)
+        named = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+        result = centralized(server_round, named)
         report.record_centralized_eval(server_round, result)
         report.finish_round(server_round)
         if result is None:
@@ -69,22 +110,12 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"loss": result.loss, "accuracy": result.accuracy,
                              "macro-f1": result.macro_f1})
 
-    log.info("fedsilo run: %d rounds, %d labels, trainable=%s, DP %s, output %s",
-             cfg.federation.num_rounds, labels.num_labels, cfg.model.trainable,
-             f"on (target ε={cfg.privacy.target_epsilon})" if cfg.privacy.dp else "OFF", out)
-    if not cfg.privacy.dp:
-        log.warning("DP is OFF (--no-dp): institutions' updates carry no privacy guarantee")
-    result = build_strategy(cfg.federation, report).start(
+    result = build_strategy(cfg, report).start(
         grid=grid,
-        initial_arrays=ArrayRecord(get_trainable_state(model)),
+        initial_arrays=ArrayRecord(initial),
         num_rounds=cfg.federation.num_rounds,
         timeout=cfg.federation.round_timeout,
         evaluate_fn=end_of_round,
     )
-    if not any(r["institutions"] for r in report.doc["rounds"]):
-        raise RuntimeError("no institution returned an update in any round; nothing to save "
-                           "(see the failures in metrics.json)")
-    set_trainable_state(model, result.arrays.to_torch_state_dict())
-    save_model(model, tokenizer, out / "model")
-    report.complete()
-    log.info("saved the global model to %s and metrics to %s", out / "model", report.path)
+    arrays = result.arrays
+    return dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))

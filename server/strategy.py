@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
-from fedsilo.common.config import FederationConfig
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.server.client_dp import build_client_level_strategy
 from fedsilo.server.report import RunReport
 
 
@@ -48,17 +49,19 @@ class ReportingFedAdam(_Reporting, FedAdam):
     """FedAdam (server-side Adam on the averaged update), reporting each institution."""
 
 
-def build_strategy(cfg: FederationConfig, report: RunReport) -> Strategy:
-    """Create the configured strategy."""
-    common = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_train,
-        "min_train_nodes": cfg.min_train,
-        "min_evaluate_nodes": cfg.min_train,
-        "min_available_nodes": cfg.min_available,
+def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
+    """Create the configured strategy (Message API; SecAgg+ runs in ``server.secagg``)."""
+    fed = cfg.federation
+    common: dict[str, object] = {
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_train,
+        "min_train_nodes": fed.min_train,
+        "min_evaluate_nodes": fed.min_train,
+        "min_available_nodes": fed.min_available,
         "train_metrics_aggr_fn": _mean_train_loss,
-        "report": report,
     }
-    if cfg.strategy == "fedadam":
-        return ReportingFedAdam(**common, eta=cfg.server_learning_rate)
-    return ReportingFedAvg(**common)
+    if cfg.privacy.dp and cfg.privacy.dp_level == "client":
+        return build_client_level_strategy(cfg, report, common)
+    if fed.strategy == "fedadam":
+        return ReportingFedAdam(**common, eta=fed.server_learning_rate, report=report)
+    return ReportingFedAvg(**common, report=report)

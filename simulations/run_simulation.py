@@ -105,6 +105,13 @@ def summarize(metrics_path: Path, target_epsilon: float) -> None:
                 f"{majority:.3f}" if majority else ""
         log.info("final held-out accuracy %.3f%s, macro-F1 %.3f", held_out["accuracy"],
                  ratio, held_out["macro_f1"])
+    client_level = last.get("client_level_dp")
+    if client_level:
+        log.info("client-level DP (Flower's accountant): ε = %.4f at δ = %g after %d releases "
+                 "(target %s); no record-level DP at the institutions",
+                 client_level["epsilon"], client_level["delta"], client_level["releases"],
+                 target_epsilon)
+        return
     spent: dict[str, float | None] = {}
     for entry in doc["rounds"]:
         spent |= {n: s["epsilon"] for n, s in entry["institutions"].items()}

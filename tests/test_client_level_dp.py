@@ -1,0 +1,99 @@
+"""Client-level DP: Flower's wrappers and accountant, a different guarantee."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsilo.client import client_app
+from fedsilo.client.policy import PolicyError, institution_config
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.model import get_trainable_state, load_model
+from fedsilo.common.task import federation_labels
+from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
+from fedsilo.server.client_dp import calibrate_noise, new_accountant
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "simulations" / "run_simulation.py"
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _spent(cfg: FedsiloConfig, sigma: float) -> float:
+    accountant = new_accountant(cfg)
+    event = GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=cfg.federation.min_train,
+                                 population_size=cfg.federation.min_available)
+    accountant.compose(event, count=cfg.federation.num_rounds)
+    return accountant.get_privacy_spent().epsilon
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_noise_is_the_smallest_that_flowers_accountant_keeps_within_target(epsilon):
+    cfg = FedsiloConfig.from_flat({"dp-level": "client", "target-epsilon": epsilon,
+                                   "num-rounds": 5, "min-train": 10, "min-available": 10})
+    sigma = calibrate_noise(cfg)
+    assert _spent(cfg, sigma) <= epsilon
+    assert _spent(cfg, sigma * 0.98) > epsilon  # tight: a little less noise overshoots
+
+
+def test_the_institution_clips_its_whole_update(tiny_bert, tmp_path):
+    cfg = FedsiloConfig.from_flat({
+        "output-dir": str(tmp_path), "model": str(tiny_bert), "trainable": "top-k",
+        "top-k": 1, "max-examples": 60, "batch-size": 20, "holdout-fraction": 0.0,
+        "partition": "iid", "max-length": 16, "dp-level": "client", "learning-rate": 0.05})
+    received = get_trainable_state(load_model(cfg.model, federation_labels(cfg), 42))
+    content = RecordDict({"arrays": ArrayRecord(received), "config": ConfigRecord(
+        {"server-round": 1, KEY_CLIPPING_NORM: 0.01})})
+    msg = Message(content=content, dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=cfg.to_flat())
+    reply = client_app.train(msg, context)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    norm = math.sqrt(sum(float(((sent[k] - v) ** 2).sum()) for k, v in received.items()))
+    assert norm == pytest.approx(0.01, rel=1e-3)  # lr 0.05 moves far more; clipped to C
+    metrics = reply.content["metrics"]
+    assert metrics[UNIFORM_WEIGHT_KEY] == 1.0 and math.isinf(metrics["epsilon"])
+
+
+def test_an_institution_declines_client_level_dp_unless_it_allows_no_record_dp():
+    run = FedsiloConfig.from_flat({"dp-level": "client"})
+    node = {"institution": "hospital-a", "data": "notes.csv"}
+    with pytest.raises(PolicyError, match="client-level DP"):
+        institution_config(run, node)
+    cfg, _ = institution_config(run, {**node, "allow-no-dp": True})
+    assert cfg.privacy.dp_level == "client"
+
+
+@pytest.mark.slow
+def test_client_level_federation_reports_flowers_epsilon(tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--institutions", "2", "--num-rounds", "2",
+         "--model", str(tiny_bert), "--max-examples", "200", "--batch-size", "32",
+         "--max-length", "16", "--dp-level", "client", "--update-clipping", "coordinator",
+         "--update-clipping-norm", "0.5", "--target-epsilon", "4", "--output-dir", str(out)],
+        cwd=tmp_path, text=True, capture_output=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "client-level ε" in done.stdout
+    doc = json.loads((out / "metrics.json").read_text())
+    cfg = FedsiloConfig.from_flat(doc["config"])
+    spent = [doc["rounds"][r]["client_level_dp"] for r in (1, 2)]
+    assert [s["releases"] for s in spent] == [1, 2]
+    assert spent[0]["epsilon"] < spent[1]["epsilon"] <= 4.0
+    assert spent[1]["clipping_norm"] == 0.5
+    # ε is Flower's accountant's, recomputed here from σ and the number of releases.
+    assert spent[1]["epsilon"] == pytest.approx(_spent(cfg, spent[1]["noise_multiplier"]))
+    for r in (1, 2):
+        assert set(doc["rounds"][r]["institutions"]) == {"institution-0", "institution-1"}
+    assert np.isfinite(doc["rounds"][2]["centralized_eval"]["loss"])
