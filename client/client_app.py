@@ -119,7 +119,7 @@ def _release(task: _Task, request: Request, context: Context) -> dict[str, np.nd
         compute_clip_model_update(trained, [task.received[k] for k in state],
                                   float(request.config[KEY_CLIPPING_NORM]))
         state = dict(zip(state, trained, strict=True))
-        log.info("%s: update clipped to L2 norm %s (client-level DP)", task.data.name,
+        log.info("%s: update clipped to L2 norm ≤ %s (client-level DP)", task.data.name,
                  request.config[KEY_CLIPPING_NORM])
     released = released_arrays(request, state, task.received)
     if request.legacy:
@@ -175,8 +175,8 @@ def _name(context: Context) -> str:
 
 def _uniform_weight(cfg: FedsiloConfig) -> dict[str, float]:
     """Client-level DP averages uniformly; Flower's accountant checks the weights."""
-    return {UNIFORM_WEIGHT_KEY: 1.0} if cfg.privacy.dp and cfg.privacy.dp_level == "client" \
-        else {}
+    client_level = cfg.privacy.dp and cfg.privacy.dp_level == "client"
+    return {UNIFORM_WEIGHT_KEY: 1.0} if client_level else {}
 
 
 @app.train()
