@@ -121,7 +121,7 @@ def _release(task: _Task, request: Request, context: Context) -> dict[str, np.nd
         state = dict(zip(state, trained, strict=True))
         log.info("%s: update clipped to L2 norm ≤ %s (client-level DP)", task.data.name,
                  request.config[KEY_CLIPPING_NORM])
-    released = released_arrays(request, state, task.received)
+    released = released_arrays(request, state, task.received, task.cfg.federation.update_dtype)
     if request.legacy:
         check_secagg_range(context, list(released.values()), len(task.train_set))
     return released

@@ -86,11 +86,16 @@ def train_reply(msg: Message, request: Request, name: str, metrics: dict[str, fl
 
 
 def released_arrays(request: Request, state: Mapping[str, np.ndarray],
-                    received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What leaves: the trained tensors, or under SecAgg+ the update (trained − received)."""
-    if not request.legacy:
+                    received: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """What leaves: the trained tensors, or the update (trained − received).
+
+    The update travels under SecAgg+ (float32, quantized by Flower's mod) and with
+    ``update-dtype = float16`` (half precision; the coordinator adds it back in float32).
+    """
+    if not request.legacy and dtype == "float32":
         return dict(state)
-    return {k: np.asarray(v - received[k]) for k, v in state.items()}
+    wire = np.float16 if dtype == "float16" and not request.legacy else np.float32
+    return {k: np.asarray(v - received[k], dtype=wire) for k, v in state.items()}
 
 
 def evaluate_reply(msg: Message, request: Request, name: str,

@@ -129,6 +129,11 @@ class FederationConfig(_Section):
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
     output_dir: str = Field("outputs", min_length=1, description="folder for the final "
                             "model and metrics.json")
+    update_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="float16: institutions send their update (trained − received) "
+        "in half precision, halving the bytes; the coordinator adds it to its float32 "
+        "tensors and aggregates in float32"
+    )
     secure_aggregation: bool = Field(
         False, description="SecAgg+: the coordinator learns only the sum of the updates "
         "(Flower's SecAgg+ on its legacy workflow; fedavg only)"
@@ -205,6 +210,14 @@ class FedsiloConfig(BaseModel):
             raise ValueError("secure-aggregation cannot be combined with dp-level 'client' "
                              "(Flower adds client-level noise on its newer workflow only); "
                              "use dp-level 'record' with SecAgg+")
+        if fed.update_dtype == "float16" and fed.secure_aggregation:
+            raise ValueError("update-dtype 'float16' does not apply to secure-aggregation, "
+                             "which quantizes updates itself; leave it at 'float32'")
+        if (fed.update_dtype == "float16" and priv.dp and priv.dp_level == "client"
+                and priv.update_clipping == "institution"):
+            raise ValueError("update-dtype 'float16' after clipping at the institution could "
+                             "round an update past update-clipping-norm; use "
+                             "--update-clipping coordinator or float32")
         if priv.dp and priv.dp_level == "client" and fed.strategy != "fedavg":
             raise ValueError("dp-level 'client' needs strategy 'fedavg' (Flower's accountant "
                              "assumes a uniform average)")

@@ -32,6 +32,7 @@ from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConf
 
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
+from fedsilo.server.replies import ReportingMixin
 from fedsilo.server.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -78,30 +79,20 @@ def calibrate_noise(cfg: FedsiloConfig, tolerance: float = 1e-3) -> float:
     return high
 
 
-class _ReportingClientLevel:
+class _ReportingClientLevel(ReportingMixin):
     """Mixin: report replies and, after each release, the accountant's ε."""
-
-    def __init__(self, *, report: RunReport, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.report = report
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
         ArrayRecord | None, MetricRecord | None
     ]:
-        replies = list(replies)
-        self.report.record_train(server_round, replies)
-        result = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        """Aggregate through Flower's DP wrapper, then record the ε it has spent."""
+        result = super().aggregate_train(server_round, replies)
         spent = self.privacy_spent()  # type: ignore[attr-defined]
         self.report.record_client_level(server_round, {
             "epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases,
             "noise_multiplier": self.noise_multiplier,  # type: ignore[attr-defined]
             "clipping_norm": self.clipping_norm})  # type: ignore[attr-defined]
         return result
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
-        self.report.record_federated_eval(server_round, metrics)
-        return metrics
 
 
 class ClientLevelInstitutionClipping(

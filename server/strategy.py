@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.server.client_dp import build_client_level_strategy
+from fedsilo.server.replies import ReportingMixin
 from fedsilo.server.report import RunReport
 
 
@@ -21,31 +20,11 @@ def _mean_train_loss(records: list[RecordDict], weight_key: str) -> MetricRecord
                          / total})
 
 
-class _Reporting:
-    """Mixin: feed train and evaluate replies to a :class:`RunReport`."""
-
-    def __init__(self, *, report: RunReport, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.report = report
-
-    def aggregate_train(self, server_round: int, replies: Iterable) -> tuple[
-        ArrayRecord | None, MetricRecord | None
-    ]:
-        replies = list(replies)
-        self.report.record_train(server_round, replies)
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
-        self.report.record_federated_eval(server_round, metrics)
-        return metrics
-
-
-class ReportingFedAvg(_Reporting, FedAvg):
+class ReportingFedAvg(ReportingMixin, FedAvg):
     """FedAvg weighted by examples, reporting each institution."""
 
 
-class ReportingFedAdam(_Reporting, FedAdam):
+class ReportingFedAdam(ReportingMixin, FedAdam):
     """FedAdam (server-side Adam on the averaged update), reporting each institution."""
 
 

@@ -1,0 +1,61 @@
+"""What every fedsilo strategy does with replies: report them, decode half-precision updates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedsilo.server.report import RunReport
+
+
+def decode_update(reply: Message, sent: ArrayRecord) -> Message:
+    """Turn a half-precision update (trained − received) back into float32 tensors.
+
+    Institutions with ``update-dtype = float16`` send their update in half precision;
+    the coordinator adds it to the float32 tensors it sent, so aggregation is float32.
+    Other replies are returned unchanged.
+    """
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return reply
+    arrays = reply.content["arrays"]
+    if not any(a.dtype == "float16" for a in arrays.values()) or set(arrays) != set(sent):
+        return reply
+    base = dict(zip(sent.keys(), sent.to_numpy_ndarrays(), strict=True))
+    decoded = {k: Array(np.asarray(base[k] + v.astype(np.float32), dtype=base[k].dtype))
+               for k, v in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
+    reply.content["arrays"] = ArrayRecord(decoded)
+    return reply
+
+
+class ReportingMixin:
+    """Mixin for a Message-API strategy: report replies, decode updates, then aggregate."""
+
+    def __init__(self, *, report: RunReport, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+        self.report = report
+        self._sent = ArrayRecord()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Remember the global tensors this round starts from."""
+        self._sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
+        ArrayRecord | None, MetricRecord | None
+    ]:
+        """Report every reply (sizes as received), then aggregate in float32."""
+        replies = list(replies)
+        self.report.record_train(server_round, replies)
+        replies = [decode_update(r, self._sent) for r in replies]
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Aggregate and report the institutions' local evaluations."""
+        metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
+        self.report.record_federated_eval(server_round, metrics)
+        return metrics
