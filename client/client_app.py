@@ -42,7 +42,8 @@ from fedsilo.common.model import (
     set_trainable_state,
     trainable_names,
 )
-from fedsilo.common.task import encode, evaluate, federation_labels
+from fedsilo.common.task import evaluate, federation_labels
+from fedsilo.common.token_cache import encode_cached
 from fedsilo.common.wire import DECLINED_CODE, SECAGG_RANGE_CODE, UNIFORM_WEIGHT_KEY
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,17 @@ app = ClientApp(mods=[secagg_mod])
 
 @functools.lru_cache(maxsize=8)
 def _prepared(
-    cfg: FedsiloConfig, partition: tuple[int, int] | None, name: str
+    cfg: FedsiloConfig, partition: tuple[int, int] | None, name: str, cache: Path
 ) -> tuple[InstitutionData, TensorDataset, TensorDataset, str]:
-    """Load, tokenise and fingerprint this institution's data once per process."""
+    """Load, tokenise (through the on-disk cache) and fingerprint the data once per process."""
     if partition is not None:
         data = simulated_institution(cfg.data, cfg.train.seed, *partition)
     else:
         data = local_institution(cfg.data, name, cfg.train.seed)
     labels = federation_labels(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    train_set = encode(tokenizer, data.train, labels, cfg.model.max_length)
-    test_set = encode(tokenizer, data.test, labels, cfg.model.max_length)
+    train_set = encode_cached(cache, tokenizer, data.train, labels, cfg.model.max_length)
+    test_set = encode_cached(cache, tokenizer, data.test, labels, cfg.model.max_length)
     return data, train_set, test_set, dataset_fingerprint(data.train.texts, data.train.labels)
 
 
@@ -92,7 +93,9 @@ def _setup(request: Request, context: Context) -> _Task:
     else:  # a real institution: its node config holds its data and privacy policy
         cfg, policy = institution_config(cfg, node)
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
-    data, train_set, test_set, fingerprint = _prepared(cfg, partition, name)
+    # The institution's own folder (beside its ledger), or the simulation's output.
+    cache = Path(policy.ledger_dir or cfg.federation.output_dir) / "token-cache"
+    data, train_set, test_set, fingerprint = _prepared(cfg, partition, name, cache)
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     received = name_arrays(request, trainable_names(model))
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
