@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.accountant import IAccountant
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -88,12 +89,25 @@ def train_private(
         dp_model, optimizer, dp_criterion, dp_loader = wrapped
     else:
         (dp_model, optimizer, dp_loader), dp_criterion = wrapped, criterion
+    before = _accounted_steps(accountant)
     try:
-        return _run_epochs(
-            dp_model, dp_loader, optimizer, dp_criterion, cfg.train.local_epochs, device
-        )
+        if cfg.train.physical_batch_size:
+            with BatchMemoryManager(data_loader=dp_loader, optimizer=optimizer,
+                                    max_physical_batch_size=cfg.train.physical_batch_size
+                                    ) as physical:
+                result = _run_epochs(dp_model, physical, optimizer, dp_criterion,
+                                     cfg.train.local_epochs, device)
+        else:
+            result = _run_epochs(dp_model, dp_loader, optimizer, dp_criterion,
+                                 cfg.train.local_epochs, device)
     finally:
         dp_model._close()  # remove Opacus hooks so `model` is a plain module again
+    # Logical (noised) steps, as the accountant counted them; physical batches are not steps.
+    return TrainResult(loss=result.loss, steps=_accounted_steps(accountant) - before)
+
+
+def _accounted_steps(accountant: IAccountant) -> int:
+    return sum(int(steps) for _, _, steps in accountant.history)
 
 
 def train_plain(

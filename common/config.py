@@ -112,6 +112,10 @@ class TrainConfig(_Section):
 
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     batch_size: int = Field(256, ge=1, description="expected (Poisson) batch size")
+    physical_batch_size: int = Field(
+        0, ge=0, description="most examples in memory at once (0 = the whole batch); DP-SGD "
+        "accumulates physical batches into each logical Poisson batch"
+    )
     learning_rate: float = Field(1e-2, gt=0, description="AdamW learning rate")
     seed: int = Field(42, description="seed for splits, initialisation and sampling")
 

@@ -5,16 +5,33 @@ import copy
 import pytest
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsilo.common.config import ModelConfig
+from fedsilo.client import privacy
+from fedsilo.client.train import train_private
+from fedsilo.common.config import FedsiloConfig, ModelConfig
 from fedsilo.common.data import LabelMap
 from fedsilo.common.model import forward_logits, load_model
 
 
+def _data(n: int = 12, length: int = 10) -> TensorDataset:
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 5000, (n, length))
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::3, 7:] = 0  # some padding
+    return TensorDataset(ids, mask, torch.randint(0, 3, (n,)))
+
+
+def _model(tiny_bert, trainable: str) -> nn.Module:
+    return load_model(ModelConfig(model=str(tiny_bert), trainable=trainable, top_k=1),
+                      LabelMap.from_names(["a", "b", "c"]), seed=0)
+
+
 def _clipped_gradients(model: nn.Module, data: TensorDataset, mode: str,
-                       max_grad_norm: float) -> dict[str, torch.Tensor]:
+                       max_grad_norm: float, physical: int = 0) -> dict[str, torch.Tensor]:
     """One noise-free DP-SGD step (SGD, lr 1); return the resulting parameter change."""
     model = copy.deepcopy(model).train()
     for module in model.modules():  # the same forward pass in both modes
@@ -31,6 +48,9 @@ def _clipped_gradients(model: nn.Module, data: TensorDataset, mode: str,
         dp_model, dp_optimizer, dp_criterion, loader = wrapped
     else:
         (dp_model, dp_optimizer, loader), dp_criterion = wrapped, criterion
+    if physical:
+        loader = wrap_data_loader(data_loader=loader, max_batch_size=physical,
+                                  optimizer=dp_optimizer)
     for input_ids, mask, y in loader:
         dp_optimizer.zero_grad()
         dp_criterion(forward_logits(dp_model, input_ids, mask), y).backward()
@@ -40,15 +60,7 @@ def _clipped_gradients(model: nn.Module, data: TensorDataset, mode: str,
 
 @pytest.mark.parametrize("trainable", ["all", "top-k"])
 def test_ghost_clipping_matches_per_sample_hooks(tiny_bert, trainable):
-    torch.manual_seed(0)
-    labels = LabelMap.from_names(["a", "b", "c"])
-    model = load_model(ModelConfig(model=str(tiny_bert), trainable=trainable, top_k=1),
-                       labels, seed=0)
-    n, length = 12, 10
-    ids = torch.randint(1000, 5000, (n, length))
-    mask = torch.ones(n, length, dtype=torch.long)
-    mask[::3, 7:] = 0  # some padding
-    data = TensorDataset(ids, mask, torch.randint(0, 3, (n,)))
+    model, data = _model(tiny_bert, trainable), _data()
     # A small norm makes every per-example gradient hit the clip.
     reference = _clipped_gradients(model, data, "hooks", max_grad_norm=0.05)
     ghost = _clipped_gradients(model, data, "ghost", max_grad_norm=0.05)
@@ -57,3 +69,29 @@ def test_ghost_clipping_matches_per_sample_hooks(tiny_bert, trainable):
         assert torch.allclose(ghost[name], step, rtol=1e-4, atol=1e-7), name
     total = torch.sqrt(sum((s ** 2).sum() for s in reference.values()))
     assert 0 < total <= 0.05 + 1e-6  # the mean of clipped gradients is within the clip
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_small_physical_batches_give_the_logical_batch_step(tiny_bert, mode):
+    model, data = _model(tiny_bert, "top-k"), _data()
+    whole = _clipped_gradients(model, data, mode, max_grad_norm=0.05)
+    split = _clipped_gradients(model, data, mode, max_grad_norm=0.05, physical=5)
+    for name, step in whole.items():
+        assert torch.allclose(split[name], step, rtol=1e-4, atol=1e-7), name
+
+
+def test_private_training_counts_logical_steps_with_physical_batches(tiny_bert):
+    data = _data(n=40)
+    steps = []
+    for physical in (0, 4):
+        cfg = FedsiloConfig.from_flat({"model": str(tiny_bert), "trainable": "top-k",
+                                       "top-k": 1, "batch-size": 10,
+                                       "physical-batch-size": physical})
+        plan = privacy.plan(num_examples=40, batch_size=10, local_epochs=1, num_rounds=1,
+                            target_epsilon=8.0, delta=1e-3, accountant="rdp")
+        accountant = RDPAccountant()
+        result = train_private(_model(tiny_bert, "top-k"), data, cfg, plan, accountant,
+                               torch.device("cpu"))
+        steps.append(result.steps)
+        assert result.steps == sum(s for _, _, s in accountant.history)
+    assert steps[0] == steps[1] == 4  # 1 / q logical steps, however they are split
