@@ -40,11 +40,16 @@ class ModelConfig(_Section):
     )
     max_length: int = Field(24, ge=8, le=512, description="max tokens per text (ICD-10 "
                             "descriptions: 95 percent fit in 23)")
-    trainable: Literal["all", "top-k", "classifier"] = Field(
+    trainable: Literal["all", "top-k", "lora", "classifier"] = Field(
         "classifier", description="which tensors train and travel: all, top-k encoder layers "
-        "+ classifier, or classifier only"
+        "+ classifier, LoRA adapters + classifier, or classifier only"
     )
     top_k: int = Field(2, ge=1, description="encoder layers trained when trainable=top-k")
+    lora_rank: int = Field(8, ge=1, description="trainable=lora: rank of the adapters")
+    lora_alpha: float = Field(16.0, gt=0, description="trainable=lora: adapter scaling α "
+                              "(the update is scaled by α / rank)")
+    lora_targets: str = Field("query,value", min_length=1, description="trainable=lora: "
+                              "comma-separated names of the layers that get adapters")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
                         description="auto (CUDA when present), cpu, cuda or cuda:N")
 

@@ -18,6 +18,7 @@ from transformers import (
 
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig
 from fedsilo.common.data import LabelMap
+from fedsilo.common.lora import LORA_MARK, add_lora
 
 
 class ModelError(ValueError):
@@ -83,6 +84,12 @@ def load_model(cfg: ModelConfig, labels: LabelMap, seed: int) -> PreTrainedModel
         )
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(_load_hint(cfg.model, err)) from None
+    if cfg.trainable == "lora":
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        try:
+            model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets)
+        except ValueError as err:
+            raise ModelError(f"--lora-targets {cfg.lora_targets!r}: {err}") from None
     set_trainable(model, cfg.trainable, cfg.top_k)
     return model
 
@@ -119,6 +126,7 @@ def _head_prefixes(model: PreTrainedModel) -> list[str]:
 
 def set_trainable(model: PreTrainedModel, trainable: str, top_k: int) -> list[str]:
     """Freeze every parameter outside the selection and return the trainable names."""
+    lora = trainable == "lora"
     if trainable == "all":
         prefixes = [""]
     else:
@@ -133,7 +141,8 @@ def set_trainable(model: PreTrainedModel, trainable: str, top_k: int) -> list[st
             prefixes += [f"{stack_name}.{i}." for i in range(first, len(stack))]
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad_(any(name.startswith(p) for p in prefixes))
+        param.requires_grad_(any(name.startswith(p) for p in prefixes)
+                             or (lora and LORA_MARK in name))
         if param.requires_grad:
             names.append(name)
     return names

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedsilo.common.lora import merge_lora
+
 
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path
@@ -20,6 +22,7 @@ def save_model(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        merge_lora(model)  # adapters folded into their base weights: a plain checkpoint
         for param in model.parameters():
             param.requires_grad_(True)  # a plain checkpoint: every tensor trainable again
         model.to("cpu").save_pretrained(staging)
