@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmarks: machine facts, peak memory, JSON + Markdown output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """Facts that make a benchmark's numbers comparable."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def reset_peak() -> int:
+    """Reset the peak-memory counter; return the current resident (or CUDA) bytes."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    return _status_bytes("VmRSS")
+
+
+def peak() -> int:
+    """Peak resident (or CUDA allocated) bytes since :func:`reset_peak`."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def write(name: str, doc: dict[str, Any], table: str) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md``; return the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **doc}, indent=2) + "\n", "utf-8")
+    (RESULTS / f"{name}.md").write_text(table + "\n", "utf-8")
+    return path
+
+
+def markdown(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

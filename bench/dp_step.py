@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""DP-SGD step vs non-private step: time and peak memory per Opacus mode and trainable set.
+
+Every (trainable set, mode) pair trains the default MiniLM classifier on the same
+random batch; modes are measured alternately, ``--repeats`` times, and reported as
+median ratios to the non-private step measured in the same run.
+
+    .venv/bin/python bench/dp_step.py            # writes bench/results/dp_step.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from benchlib import markdown, peak, reset_peak, write
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedsilo.common.config import ModelConfig
+from fedsilo.common.data import LabelMap
+from fedsilo.common.model import forward_logits, load_model
+
+MODES = ("ghost", "hooks", "functorch", "ew")
+TRAINABLE = ("all", "top-k", "lora", "classifier")
+
+
+def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int) -> tuple[float, int]:
+    """Seconds per step (after one warm-up step) and peak extra bytes of ``steps`` steps."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    criterion = nn.CrossEntropyLoss()
+    loader = DataLoader(data, batch_size=len(data))
+    if mode != "none":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+                grad_sample_mode=mode)
+        if mode == "ghost":
+            model, optimizer, criterion, loader = wrapped
+        else:
+            (model, optimizer, loader), criterion = wrapped, criterion
+    batch = next(iter(loader))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(forward_logits(model, batch[0], batch[1]), batch[2]).backward()
+        optimizer.step()
+
+    step()  # warm-up: allocations, hooks
+    base = reset_peak()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, max(peak() - base, 0)
+
+
+def main() -> None:
+    """Measure and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--trainable", nargs="+", default=list(TRAINABLE), choices=TRAINABLE)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    labels = LabelMap.from_names([f"c{i}" for i in range(22)])
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randint(1000, 20000, (args.batch, args.seq)),
+                         torch.ones(args.batch, args.seq, dtype=torch.long),
+                         torch.randint(0, 22, (args.batch,)))
+    results: list[dict[str, Any]] = []
+    rows = []
+    for trainable in args.trainable:
+        model = load_model(ModelConfig(trainable=trainable), labels, seed=0)
+        samples: dict[str, list[tuple[float, int]]] = {m: [] for m in ("none", *MODES)}
+        errors: dict[str, str] = {}
+        for _ in range(args.repeats):
+            for mode in samples:  # alternate modes within each repeat
+                if mode in errors:
+                    continue
+                try:
+                    samples[mode].append(_run(model, data, mode, args.steps))
+                except Exception as err:  # noqa: BLE001 - an unsupported mode is a result
+                    errors[mode] = f"{type(err).__name__}: {str(err)[:200]}"
+                logging.info("%s %s %s", trainable, mode, samples[mode][-1:] or errors[mode])
+        base_s = statistics.median(s for s, _ in samples["none"])
+        base_m = statistics.median(m for _, m in samples["none"])
+        for mode, values in samples.items():
+            entry: dict[str, Any] = {"trainable": trainable, "mode": mode}
+            if mode in errors:
+                entry["error"] = errors[mode]
+                rows.append([trainable, mode, "unsupported", "", "", ""])
+            else:
+                sec = statistics.median(s for s, _ in values)
+                mem = statistics.median(m for _, m in values)
+                entry |= {"seconds_per_step": sec, "peak_extra_bytes": mem,
+                          "time_ratio": sec / base_s, "memory_ratio": mem / base_m,
+                          "samples": values}
+                rows.append([trainable, mode, f"{sec:.3f}", f"{sec / base_s:.2f}",
+                             f"{mem / 2**20:.0f}", f"{mem / base_m:.2f}"])
+            results.append(entry)
+    table = markdown(["trainable", "mode", "s/step", "time ×", "peak MiB", "memory ×"], rows)
+    path = write("dp_step", {"settings": vars(args), "results": results}, table)
+    print(table)
+    logging.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()
