@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from fedsilo.common.model import (
     set_trainable_state,
     trainable_names,
 )
+from fedsilo.common.processes import process_age
 from fedsilo.common.task import evaluate, federation_labels
 from fedsilo.common.token_cache import encode_cached
 from fedsilo.common.wire import DECLINED_CODE, SECAGG_RANGE_CODE, UNIFORM_WEIGHT_KEY
@@ -189,12 +191,15 @@ def train(msg: Message, context: Context) -> Message:
     A declined round (budget, duplicate, policy) is answered with an error whose
     reason starts with ``declined:``; the coordinator reports it apart from failures.
     """
+    entered, age = time.perf_counter(), process_age()
     request = read_request(msg)
     try:
         task = _setup(request, context)
+        set_up = time.perf_counter()
         record_level = task.cfg.privacy.dp and task.cfg.privacy.dp_level == "record"
         result, dp_metrics, released = (_train_private if record_level
                                         else _train_without_record_dp)(task, request, context)
+        trained = time.perf_counter()
     except privacy.DeclinedError as err:
         log.warning("%s: %s", _name(context), err)
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
@@ -209,6 +214,10 @@ def train(msg: Message, context: Context) -> Message:
     if task.cfg.privacy.keep_updates:
         keep_update(_ledger_dir(task, context.run_id), task.fingerprint, context.run_id,
                     int(request.config["server-round"]), released, n)
+    # Where the round's time went here (bench/round_anatomy.py reads these).
+    metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - set_up}
+    if age is not None:
+        metrics["seconds-process"] = age  # process age on entry: start-up + imports
     reply = train_reply(msg, request, task.data.name, metrics, released)
     log.info("%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
              task.data.name, result.steps, n, result.loss, metrics["epsilon"],

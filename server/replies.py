@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -50,8 +51,11 @@ class ReportingMixin:
         """Report every reply (sizes as received), then aggregate in float32."""
         replies = list(replies)
         self.report.record_train(server_round, replies)
+        started = time.perf_counter()
         replies = [decode_update(r, self._sent) for r in replies]
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        result = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        self.report.record_aggregation(server_round, time.perf_counter() - started)
+        return result
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -19,7 +19,9 @@
           "institutions": {
             name: {"num_examples", "train_loss", "epsilon" (cumulative; null = DP
                    off), "delta", "noise_multiplier", "sample_rate", "steps",
-                   "bytes_received"}
+                   "bytes_received", "seconds": {"setup", "train", "process"}}
+                                            # setup = data + model load; process = the
+                                            # ClientApp process's age when it began
           },
           "client_level_dp": {"epsilon", "delta", "releases", "noise_multiplier",
                               "clipping_norm"}|null,  # dp-level client: Flower's
@@ -27,6 +29,7 @@
           "failures": [str, ...],           # errors institutions replied with
           "declined": [str, ...],           # rounds institutions declined (budget,
                                             # policy, duplicate) with their reason
+          "aggregate_seconds": float|null,  # decoding + aggregating the updates
           "seconds": float                  # wall time of the round
         }, ...
       ]
@@ -92,7 +95,8 @@ class RunReport:
             rounds.append({"round": server_round, "train_loss": None, "federated_eval": None,
                            "centralized_eval": None, "bytes_received": 0,
                            "institutions": {}, "failures": [], "declined": [],
-                           "client_level_dp": None, "seconds": 0.0})
+                           "client_level_dp": None, "aggregate_seconds": None,
+                           "seconds": 0.0})
         return rounds[-1]
 
     def record_train(self, server_round: int, replies: list[Message]) -> None:
@@ -125,12 +129,18 @@ class RunReport:
             "noise_multiplier": float(m["noise-multiplier"]),
             "sample_rate": float(m["sample-rate"]), "steps": int(m["steps"]),
             "bytes_received": size,
+            "seconds": {k[len("seconds-"):]: float(v) for k, v in m.items()
+                        if k.startswith("seconds-")},
         }
         stats = entry["institutions"].values()
         total = sum(s["num_examples"] for s in stats)
         if total:
             entry["train_loss"] = sum(s["train_loss"] * s["num_examples"]
                                       for s in stats) / total
+
+    def record_aggregation(self, server_round: int, seconds: float) -> None:
+        """Record how long decoding and aggregating the round's updates took."""
+        self._round(server_round)["aggregate_seconds"] = seconds
 
     def record_client_level(self, server_round: int, spent: dict[str, float]) -> None:
         """Record the coordinator's client-level (ε, δ, releases, σ, C) after a release."""

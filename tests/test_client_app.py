@@ -53,6 +53,7 @@ def test_train_replies_only_trainable_tensors_and_cumulative_epsilon(cfg):
         assert not any(k.startswith("_module.") for k in names)
         m = reply.content["metrics"]
         assert m["num-examples"] == 120 and m["steps"] == 6
+        assert m["seconds-train"] > 0 and m["seconds-setup"] > 0 and m["seconds-process"] > 0
         assert reply.content["institution"]["name"] == "institution-1"
         eps.append(m["epsilon"])
         sigma, rate, delta = m["noise-multiplier"], m["sample-rate"], m["delta"]

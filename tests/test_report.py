@@ -26,7 +26,7 @@ def test_round_records_updates_declines_and_failures(tmp_path):
         "arrays": arrays,
         "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.5, "epsilon": 2.0,
                                  "delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.1,
-                                 "steps": 10}),
+                                 "steps": 10, "seconds-setup": 0.5, "seconds-train": 4.0}),
         "institution": ConfigRecord({"name": "hospital-a"}),
     }))
     declined = _reply(error=Error(code=DECLINED_CODE, reason="hospital-b: declined: budget"))
@@ -40,5 +40,6 @@ def test_round_records_updates_declines_and_failures(tmp_path):
     assert entry["declined"] == ["hospital-b: declined: budget"]
     assert len(entry["failures"]) == 1 and entry["failures"][0].endswith(": boom")
     assert entry["train_loss"] == 1.5
+    assert entry["institutions"]["hospital-a"]["seconds"] == {"setup": 0.5, "train": 4.0}
     line = report.progress_line(entry)
     assert "1 declined" in line and "1 failed" in line and "hospital-a 2.00" in line
