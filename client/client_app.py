@@ -82,6 +82,7 @@ class _Task:
     model: PreTrainedModel
     device: torch.device
     received: dict[str, np.ndarray]
+    timings: dict[str, float]
 
 
 def _setup(request: Request, context: Context) -> _Task:
@@ -97,13 +98,17 @@ def _setup(request: Request, context: Context) -> _Task:
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     # The institution's own folder (beside its ledger), or the simulation's output.
     cache = Path(policy.ledger_dir or cfg.federation.output_dir) / "token-cache"
+    started = time.perf_counter()
     data, train_set, test_set, fingerprint = _prepared(cfg, partition, name, cache)
+    prepared = time.perf_counter()
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     received = name_arrays(request, trainable_names(model))
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
     device = resolve_device(cfg.model.device)
+    timings = {"seconds-data": prepared - started,
+               "seconds-model": time.perf_counter() - prepared}
     return _Task(cfg, policy, data, fingerprint, train_set, test_set, model.to(device), device,
-                 received)
+                 received, timings)
 
 
 def _ledger_dir(task: _Task, run: int) -> Path:
@@ -215,7 +220,8 @@ def train(msg: Message, context: Context) -> Message:
         keep_update(_ledger_dir(task, context.run_id), task.fingerprint, context.run_id,
                     int(request.config["server-round"]), released, n)
     # Where the round's time went here (bench/round_anatomy.py reads these).
-    metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - set_up}
+    metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - set_up,
+                **task.timings}
     if age is not None:
         metrics["seconds-process"] = age  # process age on entry: start-up + imports
     reply = train_reply(msg, request, task.data.name, metrics, released)

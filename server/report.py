@@ -19,9 +19,10 @@
           "institutions": {
             name: {"num_examples", "train_loss", "epsilon" (cumulative; null = DP
                    off), "delta", "noise_multiplier", "sample_rate", "steps",
-                   "bytes_received", "seconds": {"setup", "train", "process"}}
-                                            # setup = data + model load; process = the
-                                            # ClientApp process's age when it began
+                   "bytes_received", "seconds": {"setup", "data", "model", "train",
+                   "process"}}              # setup = data (load + tokenise) + model
+                                            # (load); process = the ClientApp
+                                            # process's age when the round began
           },
           "client_level_dp": {"epsilon", "delta", "releases", "noise_multiplier",
                               "clipping_norm"}|null,  # dp-level client: Flower's
