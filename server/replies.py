@@ -9,7 +9,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedsilo.server.report import RunReport
+from fedsilo.common.config import TrainConfig
+from fedsilo.server.report import RunReport, institution_name
+from fedsilo.server.validation import check_update, max_coordinate_change, planned_steps
 
 
 def decode_update(reply: Message, sent: ArrayRecord) -> Message:
@@ -34,9 +36,9 @@ def decode_update(reply: Message, sent: ArrayRecord) -> Message:
 class ReportingMixin:
     """Mixin for a Message-API strategy: report replies, decode updates, then aggregate."""
 
-    def __init__(self, *, report: RunReport, **kwargs: object) -> None:
+    def __init__(self, *, report: RunReport, train: TrainConfig, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.report = report
+        self.report, self.train = report, train
         self._sent = ArrayRecord()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -48,14 +50,34 @@ class ReportingMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
         ArrayRecord | None, MetricRecord | None
     ]:
-        """Report every reply (sizes as received), then aggregate in float32."""
+        """Report every reply (sizes as received), reject invalid ones, aggregate in float32."""
         replies = list(replies)
         self.report.record_train(server_round, replies)
         started = time.perf_counter()
-        replies = [decode_update(r, self._sent) for r in replies]
-        result = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        sent = dict(zip(self._sent.keys(), self._sent.to_numpy_ndarrays(), strict=True))
+        largest = max((float(np.abs(v).max()) for v in sent.values() if v.size), default=0.0)
+        accepted = []
+        for reply in (decode_update(r, self._sent) for r in replies):
+            reason = None if reply.has_error() else self._invalid(reply, sent, largest)
+            if reason is None:
+                accepted.append(reply)
+            else:
+                self.report.reject(server_round, institution_name(reply), reason)
+        result = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
         self.report.record_aggregation(server_round, time.perf_counter() - started)
         return result
+
+    def _invalid(self, reply: Message, sent: dict[str, np.ndarray], largest: float
+                 ) -> str | None:
+        """Why this update cannot be aggregated (structure, values, size), or None."""
+        if "arrays" not in reply.content.array_records:
+            return "the reply carries no tensors"
+        arrays = reply.content["arrays"]
+        received = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+        examples = int(reply.content["metrics"]["num-examples"])
+        steps = planned_steps(examples, self.train.batch_size, self.train.local_epochs)
+        bound = max_coordinate_change(self.train.learning_rate, steps, largest)
+        return check_update(received, sent, bound)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

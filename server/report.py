@@ -133,11 +133,24 @@ class RunReport:
             "seconds": {k[len("seconds-"):]: float(v) for k, v in m.items()
                         if k.startswith("seconds-")},
         }
+        self._train_loss(entry)
+
+    @staticmethod
+    def _train_loss(entry: dict[str, Any]) -> None:
         stats = entry["institutions"].values()
         total = sum(s["num_examples"] for s in stats)
-        if total:
-            entry["train_loss"] = sum(s["train_loss"] * s["num_examples"]
-                                      for s in stats) / total
+        entry["train_loss"] = (sum(s["train_loss"] * s["num_examples"] for s in stats) / total
+                               if total else None)
+
+    def reject(self, server_round: int, name: str, reason: str) -> None:
+        """Move an institution's update from the round's contributions to its failures."""
+        entry = self._round(server_round)
+        stats = entry["institutions"].pop(name, None)
+        if stats is not None:
+            entry["bytes_received"] -= stats["bytes_received"]
+        entry["failures"].append(f"{name}: rejected: {reason}")
+        log.warning("round %d: %s's update rejected: %s", server_round, name, reason)
+        self._train_loss(entry)
 
     def record_aggregation(self, server_round: int, seconds: float) -> None:
         """Record how long decoding and aggregating the round's updates took."""

@@ -42,5 +42,6 @@ def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
     if cfg.privacy.dp and cfg.privacy.dp_level == "client":
         return build_client_level_strategy(cfg, report, common)
     if fed.strategy == "fedadam":
-        return ReportingFedAdam(**common, eta=fed.server_learning_rate, report=report)
-    return ReportingFedAvg(**common, report=report)
+        return ReportingFedAdam(**common, eta=fed.server_learning_rate, report=report,
+                                train=cfg.train)
+    return ReportingFedAvg(**common, report=report, train=cfg.train)
