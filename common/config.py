@@ -136,6 +136,9 @@ class FederationConfig(_Section):
     min_train: int = Field(2, ge=1, description="minimum institutions per round")
     min_available: int = Field(2, ge=1, description="institutions to wait for")
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
+    join_timeout: float = Field(3600.0, ge=0, description="seconds to wait for "
+                                "min-available institutions to be connected, at the start "
+                                "and in any later round, before failing the run (0 = forever)")
     output_dir: str = Field("outputs", min_length=1, description="folder for the final "
                             "model and metrics.json")
     update_dtype: Literal["float32", "float16"] = Field(

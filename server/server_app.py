@@ -27,6 +27,7 @@ from fedsilo.server.outputs import save_model
 from fedsilo.server.report import RunReport
 from fedsilo.server.secagg import Evaluator, SecAggFedAvg, run_secagg
 from fedsilo.server.strategy import build_strategy
+from fedsilo.server.waiting import PatientGrid
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
                              "macro-f1": result.macro_f1})
 
     result = build_strategy(cfg, report).start(
-        grid=grid,
+        grid=PatientGrid(grid, cfg.federation.min_available,  # type: ignore[arg-type]
+                         cfg.federation.join_timeout),
         initial_arrays=ArrayRecord(initial),
         num_rounds=cfg.federation.num_rounds,
         timeout=cfg.federation.round_timeout,
