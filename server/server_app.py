@@ -24,6 +24,7 @@ from fedsilo.common.model import (
 )
 from fedsilo.common.task import EvalResult, encode, evaluate, federation_labels
 from fedsilo.server.outputs import save_model
+from fedsilo.server.plots import write_artefacts
 from fedsilo.server.report import RunReport
 from fedsilo.server.secagg import Evaluator, SecAggFedAvg, run_secagg
 from fedsilo.server.strategy import build_strategy
@@ -87,6 +88,10 @@ def main(grid: Grid, context: Context) -> None:
     save_model(model, tokenizer, out / "model")
     report.complete()
     log.info("saved the global model to %s and metrics to %s", out / "model", report.path)
+    try:
+        write_artefacts(report.doc, out)
+    except (OSError, ValueError) as err:  # the run is complete; the pictures are extras
+        log.warning("could not write rounds.csv and plots to %s: %s", out, err)
 
 
 def _dp_summary(cfg: FedsiloConfig) -> str:

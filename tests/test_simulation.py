@@ -47,6 +47,8 @@ def test_two_institution_dp_federation_end_to_end(tiny_bert, hospital_csv, tmp_p
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["config"]["dp"] is True
+    for artefact in ("rounds.csv", "accuracy_loss.png", "epsilon.png"):
+        assert (out / artefact).stat().st_size > 0
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[2]["centralized_eval"]["loss"] < rounds[0]["centralized_eval"]["loss"]
