@@ -32,6 +32,7 @@ from fedsilo.client.messages import (
 )
 from fedsilo.client.policy import NAME_KEY, Policy, institution_config
 from fedsilo.client.train import TrainResult, train_plain, train_private
+from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
 from fedsilo.common.logs import configure_logging
@@ -207,6 +208,8 @@ def train(msg: Message, context: Context) -> Message:
         trained = time.perf_counter()
     except privacy.DeclinedError as err:
         log.warning("%s: %s", _name(context), err)
+        if "task" in locals():
+            _journal(task, context, request, "declined", reason=str(err))
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
     except SecAggRangeError as err:
@@ -225,6 +228,10 @@ def train(msg: Message, context: Context) -> Message:
     if age is not None:
         metrics["seconds-process"] = age  # process age on entry: start-up + imports
     reply = train_reply(msg, request, task.data.name, metrics, released)
+    _journal(task, context, request, "train", sent=journal.digest(released),
+             num_examples=n, steps=result.steps,
+             epsilon=None if math.isinf(metrics["epsilon"]) else metrics["epsilon"],
+             delta=metrics["delta"])
     log.info("%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
              task.data.name, result.steps, n, result.loss, metrics["epsilon"],
              sum(a.nbytes for a in released.values()))
@@ -239,4 +246,16 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     res = evaluate(task.model, task.test_set, task.device)
     metrics = {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
                "macro-f1": res.macro_f1, **_uniform_weight(task.cfg)}
+    _journal(task, context, request, "evaluate", num_examples=res.num_examples,
+             accuracy=res.accuracy)
     return evaluate_reply(msg, request, task.data.name, metrics)
+
+
+def _journal(task: _Task, context: Context, request: Request, event: str,
+             **fields: object) -> None:
+    """Append to the institution's journal beside its ledger: what came in, what left."""
+    journal.append(_ledger_dir(task, context.run_id) / "journal.jsonl", event,
+                   institution=task.data.name, run=context.run_id,
+                   round=request.config.get("server-round"), dataset=task.fingerprint[:16],
+                   received=journal.digest(task.received), secure_aggregation=request.legacy,
+                   **fields)

@@ -9,6 +9,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from fedsilo.common import journal
 from fedsilo.common.config import TrainConfig
 from fedsilo.server.report import RunReport, institution_name
 from fedsilo.server.validation import check_update, max_coordinate_change, planned_steps
@@ -33,6 +34,25 @@ def decode_update(reply: Message, sent: ArrayRecord) -> Message:
     return reply
 
 
+def _named(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+
+
+def _journal_reply(report: RunReport, server_round: int, reply: Message) -> None:
+    """Journal one reply as received: who, its size and hash, or its error."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        journal.append(report.journal, "error", round=server_round, node=node,
+                       code=reply.error.code, reason=reply.error.reason)
+        return
+    arrays = reply.content.array_records.get("arrays")
+    eps = float(reply.content["metrics"]["epsilon"])
+    journal.append(report.journal, "received", round=server_round, node=node,
+                   institution=institution_name(reply),
+                   update=journal.digest(_named(arrays)) if arrays is not None else None,
+                   epsilon=None if np.isinf(eps) else eps)
+
+
 class ReportingMixin:
     """Mixin for a Message-API strategy: report replies, decode updates, then aggregate."""
 
@@ -43,8 +63,10 @@ class ReportingMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Remember the global tensors this round starts from."""
+        """Remember the global tensors this round starts from, and journal them."""
         self._sent = arrays
+        journal.append(self.report.journal, "sent", round=server_round,
+                       global_model=journal.digest(_named(arrays)))
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
@@ -53,6 +75,8 @@ class ReportingMixin:
         """Report every reply (sizes as received), reject invalid ones, aggregate in float32."""
         replies = list(replies)
         self.report.record_train(server_round, replies)
+        for reply in replies:
+            _journal_reply(self.report, server_round, reply)
         started = time.perf_counter()
         sent = dict(zip(self._sent.keys(), self._sent.to_numpy_ndarrays(), strict=True))
         largest = max((float(np.abs(v).max()) for v in sent.values() if v.size), default=0.0)
@@ -63,6 +87,8 @@ class ReportingMixin:
                 accepted.append(reply)
             else:
                 self.report.reject(server_round, institution_name(reply), reason)
+                journal.append(self.report.journal, "rejected", round=server_round,
+                               institution=institution_name(reply), reason=reason)
         result = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
         self.report.record_aggregation(server_round, time.perf_counter() - started)
         return result

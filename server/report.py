@@ -83,6 +83,8 @@ class RunReport:
     def __init__(self, output_dir: Path, labels: list[str], config: dict[str, Any],
                  num_rounds: int) -> None:
         self.path = output_dir / "metrics.json"
+        #: The coordinator's append-only journal (see :mod:`fedsilo.common.journal`).
+        self.journal = output_dir / "journal.jsonl"
         self.num_rounds = num_rounds
         self.doc: dict[str, Any] = {
             "schema": SCHEMA, "labels": labels, "config": config,

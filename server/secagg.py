@@ -32,6 +32,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fedsilo.common import journal
 from fedsilo.common.config import FederationConfig
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import INSTITUTION_KEY
@@ -106,6 +107,8 @@ class SecAggFedAvg(LegacyFedAvg):
         for _, res in results:
             self.report.record_update(server_round, str(res.metrics[INSTITUTION_KEY]),
                                       res.metrics, 0)
+            journal.append(self.report.journal, "received", round=server_round,
+                           institution=str(res.metrics[INSTITUTION_KEY]), update="masked")
         for failure in failures:
             code, reason = _error_of(failure)
             self.report.record_error(server_round, code, reason, None)
@@ -115,6 +118,9 @@ class SecAggFedAvg(LegacyFedAvg):
         mean_update = parameters_to_ndarrays(results[0][1].parameters)
         self.current = [np.asarray(c + u, dtype=c.dtype)
                         for c, u in zip(self.current, mean_update, strict=True)]
+        journal.append(self.report.journal, "unmasked", round=server_round,
+                       mean_update=journal.digest(dict(zip(self.names, mean_update,
+                                                           strict=True))))
         return ndarrays_to_parameters(self.current), {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[

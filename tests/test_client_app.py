@@ -9,6 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from fedsilo.client import client_app
+from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.model import get_trainable_state, load_model, trainable_names
 from fedsilo.common.task import federation_labels
@@ -82,10 +83,20 @@ def test_a_repeated_round_is_declined_and_counted_once(cfg):
     first = client_app.train(_message(cfg, "train", 1)[0], context)
     again = client_app.train(_message(cfg, "train", 1)[0], context)
     assert again.has_error() and "already trained" in again.error.reason
-    ledgers = list((Path(cfg.federation.output_dir) / "ledgers").glob("run-1/institution-1/*"))
+    folder = Path(cfg.federation.output_dir) / "ledgers" / "run-1" / "institution-1"
+    ledgers = list(folder.glob("*.json"))
     assert len(ledgers) == 1
     entries = json.loads(ledgers[0].read_text())["entries"]
     assert len(entries) == 1 and entries[0]["epsilon"] == first.content["metrics"]["epsilon"]
+    # The institution's journal: what came in and what left, then the refusal.
+    events = journal.read(folder / "journal.jsonl")
+    assert [e["event"] for e in events] == ["train", "declined"]
+    sent = first.content["arrays"]
+    assert events[0]["sent"] == journal.digest(
+        dict(zip(sent.keys(), sent.to_numpy_ndarrays(), strict=True)))
+    assert events[0]["epsilon"] == entries[0]["epsilon"] and events[0]["round"] == 1
+    assert events[0]["received"] == events[1]["received"]
+    assert "already trained" in events[1]["reason"]
 
 
 def test_dp_off_is_explicit_and_warned(cfg, caplog):

@@ -49,6 +49,10 @@ def test_two_institution_dp_federation_end_to_end(tiny_bert, hospital_csv, tmp_p
     assert metrics["status"] == "completed" and metrics["config"]["dp"] is True
     for artefact in ("rounds.csv", "accuracy_loss.png", "epsilon.png"):
         assert (out / artefact).stat().st_size > 0
+    events = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in events if e["event"] == "sent"] == [1, 2]
+    assert {e["institution"] for e in events if e["event"] == "received"} == {
+        "hospital-a", "hospital-b"}
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[2]["centralized_eval"]["loss"] < rounds[0]["centralized_eval"]["loss"]

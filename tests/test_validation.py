@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.client import client_app
+from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.model import get_trainable_state, load_model
 from fedsilo.common.task import federation_labels
@@ -97,3 +98,8 @@ def test_the_round_continues_without_the_rejected_update(tmp_path):
                for f in entry["failures"])
     assert any(f.startswith("hospital-c: rejected:") and "moved a coordinate" in f
                for f in entry["failures"])
+    events = journal.read(tmp_path / "journal.jsonl")
+    assert [(e["event"], e.get("institution")) for e in events] == [
+        ("received", "hospital-a"), ("received", "hospital-b"), ("received", "hospital-c"),
+        ("rejected", "hospital-b"), ("rejected", "hospital-c")]
+    assert events[0]["update"] == journal.digest(good)
