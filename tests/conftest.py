@@ -25,3 +25,30 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def train_round():
+    """Run one simulated institution's ClientApp train on a fresh global model.
+
+    Returns ``run(cfg, **config) -> (sent, reply)``: the numpy tensors sent and the
+    reply message; ``config`` adds entries to the message's config record.
+    """
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fedsilo.client import client_app
+    from fedsilo.common.model import get_trainable_state, load_model
+    from fedsilo.common.task import federation_labels
+
+    def run(cfg, **config):
+        sent = {k: v.numpy() for k, v in get_trainable_state(
+            load_model(cfg.model, federation_labels(cfg), cfg.train.seed)).items()}
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                              "config": ConfigRecord({"server-round": 1, **config})})
+        msg = Message(content, dst_node_id=7, message_type="train")
+        context = Context(run_id=1, node_id=7,
+                          node_config={"partition-id": 0, "num-partitions": 2},
+                          state=RecordDict(), run_config=cfg.to_flat())
+        return sent, client_app.train(msg, context)
+
+    return run

@@ -8,16 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsilo.client import client_app
 from fedsilo.client.policy import PolicyError, institution_config
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.model import get_trainable_state, load_model
-from fedsilo.common.task import federation_labels
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
 from fedsilo.server.client_dp import calibrate_noise, new_accountant
 
@@ -47,20 +43,14 @@ def test_noise_is_the_smallest_that_flowers_accountant_keeps_within_target(epsil
     assert _spent(cfg, sigma * 0.98) > epsilon  # tight: a little less noise overshoots
 
 
-def test_the_institution_clips_its_whole_update(tiny_bert, tmp_path):
+def test_the_institution_clips_its_whole_update(tiny_bert, tmp_path, train_round):
     cfg = FedsiloConfig.from_flat({
         "output-dir": str(tmp_path), "model": str(tiny_bert), "trainable": "top-k",
         "top-k": 1, "max-examples": 60, "batch-size": 20, "holdout-fraction": 0.0,
         "partition": "iid", "max-length": 16, "dp-level": "client", "learning-rate": 0.05})
-    received = get_trainable_state(load_model(cfg.model, federation_labels(cfg), 42))
-    content = RecordDict({"arrays": ArrayRecord(received), "config": ConfigRecord(
-        {"server-round": 1, KEY_CLIPPING_NORM: 0.01})})
-    msg = Message(content=content, dst_node_id=7, message_type="train")
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
-                      state=RecordDict(), run_config=cfg.to_flat())
-    reply = client_app.train(msg, context)
+    received, reply = train_round(cfg, **{KEY_CLIPPING_NORM: 0.01})
     sent = reply.content["arrays"].to_torch_state_dict()
-    norm = math.sqrt(sum(float(((sent[k] - v) ** 2).sum()) for k, v in received.items()))
+    norm = math.sqrt(sum(float(((sent[k].numpy() - v) ** 2).sum()) for k, v in received.items()))
     assert norm == pytest.approx(0.01, rel=1e-3)  # lr 0.05 moves far more; clipped to C
     metrics = reply.content["metrics"]
     assert metrics[UNIFORM_WEIGHT_KEY] == 1.0 and math.isinf(metrics["epsilon"])

@@ -2,14 +2,11 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsilo.client import client_app
 from fedsilo.client.messages import Request, released_arrays
 from fedsilo.common.config import ConfigError, FedsiloConfig
-from fedsilo.common.model import get_trainable_state, load_model
-from fedsilo.common.task import federation_labels
 from fedsilo.server.replies import decode_update
 
 
@@ -53,18 +50,12 @@ def test_float32_replies_are_aggregated_unchanged():
     assert np.array_equal(out, received["w"] * 3)
 
 
-def test_the_client_sends_half_precision_when_asked(tiny_bert, tmp_path):
+def test_the_client_sends_half_precision_when_asked(tiny_bert, tmp_path, train_round):
     cfg = FedsiloConfig.from_flat({
         "output-dir": str(tmp_path), "model": str(tiny_bert), "trainable": "top-k",
         "top-k": 1, "max-examples": 60, "batch-size": 20, "holdout-fraction": 0.0,
         "partition": "iid", "max-length": 16, "update-dtype": "float16"})
-    sent = get_trainable_state(load_model(cfg.model, federation_labels(cfg), 42))
-    msg = Message(RecordDict({"arrays": ArrayRecord(sent),
-                              "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=7, message_type="train")
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
-                      state=RecordDict(), run_config=cfg.to_flat())
-    reply = client_app.train(msg, context)
+    sent, reply = train_round(cfg)
     arrays = reply.content["arrays"]
     assert list(arrays.keys()) == list(sent)
     assert {a.dtype for a in arrays.values()} == {"float16"}

@@ -4,14 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsilo.client import client_app
 from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.model import get_trainable_state, load_model
-from fedsilo.common.task import federation_labels
 from fedsilo.server.report import RunReport
 from fedsilo.server.strategy import build_strategy
 from fedsilo.server.validation import check_update, max_coordinate_change, planned_steps
@@ -43,20 +40,13 @@ def test_a_valid_update_passes():
     assert check_update(received, SENT, max_change=1.0) is None
 
 
-def test_an_honest_dp_round_stays_within_the_bound(tiny_bert, tmp_path):
+def test_an_honest_dp_round_stays_within_the_bound(tiny_bert, tmp_path, train_round):
     """A real DP-SGD round at a high learning rate never trips the size check."""
     cfg = FedsiloConfig.from_flat({
         "output-dir": str(tmp_path), "model": str(tiny_bert), "trainable": "top-k",
         "top-k": 1, "max-examples": 120, "batch-size": 10, "holdout-fraction": 0.0,
         "partition": "iid", "max-length": 16, "learning-rate": 0.1, "local-epochs": 2})
-    sent = {k: v.numpy() for k, v in get_trainable_state(
-        load_model(cfg.model, federation_labels(cfg), 42)).items()}
-    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}),
-                              "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=7, message_type="train")
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
-                      state=RecordDict(), run_config=cfg.to_flat())
-    reply = client_app.train(msg, context)
+    sent, reply = train_round(cfg)
     arrays = reply.content["arrays"]
     received = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
     steps = planned_steps(120, 10, 2)
