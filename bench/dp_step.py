@@ -105,11 +105,13 @@ def main() -> None:
             else:
                 sec = statistics.median(s for s, _ in values)
                 mem = statistics.median(m for _, m in values)
+                mem_ratio = mem / base_m if base_m else None  # head only: ~0 extra bytes
                 entry |= {"seconds_per_step": sec, "peak_extra_bytes": mem,
-                          "time_ratio": sec / base_s, "memory_ratio": mem / base_m,
+                          "time_ratio": sec / base_s, "memory_ratio": mem_ratio,
                           "samples": values}
                 rows.append([trainable, mode, f"{sec:.3f}", f"{sec / base_s:.2f}",
-                             f"{mem / 2**20:.0f}", f"{mem / base_m:.2f}"])
+                             f"{mem / 2**20:.0f}",
+                             "n/a" if mem_ratio is None else f"{mem_ratio:.2f}"])
             results.append(entry)
     table = markdown(["trainable", "mode", "s/step", "time ×", "peak MiB", "memory ×"], rows)
     path = write("dp_step", {"settings": vars(args), "results": results}, table)
