@@ -17,7 +17,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
-from fedsilo.client import privacy
+from fedsilo.client import privacy, replay
+from fedsilo.client.agreements import check_run
 from fedsilo.client.ledger import Ledger, dataset_fingerprint, keep_update
 from fedsilo.client.messages import (
     Request,
@@ -30,7 +31,7 @@ from fedsilo.client.messages import (
     secagg_mod,
     train_reply,
 )
-from fedsilo.client.policy import NAME_KEY, Policy, institution_config
+from fedsilo.client.policy import LEDGER_KEY, NAME_KEY, Policy, institution_config
 from fedsilo.client.train import TrainResult, train_plain, train_private
 from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
@@ -47,7 +48,7 @@ from fedsilo.common.model import (
 from fedsilo.common.processes import process_age
 from fedsilo.common.task import evaluate, federation_labels
 from fedsilo.common.token_cache import encode_cached
-from fedsilo.common.wire import DECLINED_CODE, SECAGG_RANGE_CODE, UNIFORM_WEIGHT_KEY
+from fedsilo.common.wire import DECLINED_CODE, RUN_KEY, SECAGG_RANGE_CODE, UNIFORM_WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class _Task:
     device: torch.device
     received: dict[str, np.ndarray]
     timings: dict[str, float]
+    run: int  # the run's key: its first Flower run id, the same after a --resume
 
 
 def _setup(request: Request, context: Context) -> _Task:
@@ -95,6 +97,8 @@ def _setup(request: Request, context: Context) -> _Task:
         partition = (int(node["partition-id"]), int(node["num-partitions"]))
         name, policy = "", Policy()
     else:  # a real institution: its node config holds its data and privacy policy
+        if node.get(LEDGER_KEY):  # approved agreements live beside the ledger
+            check_run(cfg, Path(str(node[LEDGER_KEY])))  # before any data is read
         cfg, policy = institution_config(cfg, node)
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     # The institution's own folder (beside its ledger), or the simulation's output.
@@ -109,17 +113,17 @@ def _setup(request: Request, context: Context) -> _Task:
     timings = {"seconds-data": prepared - started,
                "seconds-model": time.perf_counter() - prepared}
     return _Task(cfg, policy, data, fingerprint, train_set, test_set, model.to(device), device,
-                 received, timings)
+                 received, timings, int(request.config.get(RUN_KEY, context.run_id)))
 
 
-def _ledger_dir(task: _Task, run: int) -> Path:
+def _ledger_dir(task: _Task) -> Path:
     """Where the dataset's ledger lives.
 
     A deployed institution keeps it in its own folder; a virtual institution of a
     simulation keeps one per run in the output folder.
     """
     return Path(task.policy.ledger_dir) if task.policy.ledger_dir else (
-        Path(task.cfg.federation.output_dir) / "ledgers" / f"run-{run}" / task.data.name)
+        Path(task.cfg.federation.output_dir) / "ledgers" / f"run-{task.run}" / task.data.name)
 
 
 def _release(task: _Task, request: Request, context: Context) -> dict[str, np.ndarray]:
@@ -143,11 +147,21 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
 ]:
     """Check the budget, train with DP-SGD, and record the spend before anything leaves."""
     cfg, n = task.cfg, len(task.train_set)
-    run, server_round = context.run_id, int(request.config["server-round"])
-    ledger = Ledger.open(_ledger_dir(task, run), task.fingerprint, cfg.privacy.accountant)
+    run, server_round = task.run, int(request.config["server-round"])
+    ledger = Ledger.open(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant)
+    received = journal.digest(task.received)["sha256"]
     if ledger.has(run, server_round):
-        raise privacy.DeclinedError(f"declined: round {server_round} of run {run} was already "
-                                    "trained; an update is never released twice")
+        kept = replay.load(_ledger_dir(task), task.fingerprint, run, server_round, received)
+        if kept is None:
+            raise privacy.DeclinedError(
+                f"declined: round {server_round} of run {run} was already trained and its "
+                "update is not kept for this global model; an update is never released twice")
+        log.info("%s: round %d of run %d was already trained and released; sending the same "
+                 "update again (no new privacy spend)", task.data.name, server_round, run)
+        m = kept.metrics
+        return (TrainResult(float(m["train-loss"]), int(m["steps"])),
+                {k: float(m[k]) for k in ("epsilon", "delta", "noise-multiplier",
+                                          "sample-rate")}, kept.arrays)
     delta = task.policy.delta(cfg.privacy.target_delta, n)
     dp_plan = privacy.plan(
         num_examples=n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
@@ -161,9 +175,13 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
     released = _release(task, request, context)
     epsilon = ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
                             dp_plan.noise_multiplier, delta)
-    return result, {"epsilon": epsilon, "delta": delta,
-                    "noise-multiplier": dp_plan.noise_multiplier,
-                    "sample-rate": dp_plan.sample_rate}, released
+    dp_metrics = {"epsilon": epsilon, "delta": delta,
+                  "noise-multiplier": dp_plan.noise_multiplier,
+                  "sample-rate": dp_plan.sample_rate}
+    replay.save(_ledger_dir(task), task.fingerprint, run, replay.Release(
+        server_round, received, released,
+        {**dp_metrics, "train-loss": result.loss, "steps": result.steps}))
+    return result, dp_metrics, released
 
 
 def _train_without_record_dp(task: _Task, request: Request, context: Context) -> tuple[
@@ -220,7 +238,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": n, **dp_metrics, "train-loss": result.loss,
                "steps": result.steps, **_uniform_weight(task.cfg)}
     if task.cfg.privacy.keep_updates:
-        keep_update(_ledger_dir(task, context.run_id), task.fingerprint, context.run_id,
+        keep_update(_ledger_dir(task), task.fingerprint, task.run,
                     int(request.config["server-round"]), released, n)
     # Where the round's time went here (bench/round_anatomy.py reads these).
     metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - set_up,
@@ -242,7 +260,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received global tensors on the institution's held-out data."""
     request = read_request(msg)
-    task = _setup(request, context)
+    try:
+        task = _setup(request, context)
+    except privacy.DeclinedError as err:
+        log.warning("%s: %s", _name(context), err)
+        return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
+                       reply_to=msg)
     res = evaluate(task.model, task.test_set, task.device)
     metrics = {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
                "macro-f1": res.macro_f1, **_uniform_weight(task.cfg)}
@@ -254,8 +277,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
 def _journal(task: _Task, context: Context, request: Request, event: str,
              **fields: object) -> None:
     """Append to the institution's journal beside its ledger: what came in, what left."""
-    journal.append(_ledger_dir(task, context.run_id) / "journal.jsonl", event,
-                   institution=task.data.name, run=context.run_id,
+    journal.append(_ledger_dir(task) / "journal.jsonl", event,
+                   institution=task.data.name, run=task.run,
                    round=request.config.get("server-round"), dataset=task.fingerprint[:16],
                    received=journal.digest(task.received), secure_aggregation=request.legacy,
                    **fields)

@@ -134,13 +134,24 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of institutions "
                                   "sampled per round")
     min_train: int = Field(2, ge=1, description="minimum institutions per round")
-    min_available: int = Field(2, ge=1, description="institutions to wait for")
-    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
+    min_available: int = Field(2, ge=1, description="institutions to wait for before the "
+                               "first round (later rounds need min-train of them)")
+    round_timeout: float = Field(3600.0, gt=0, description="most seconds a round waits for "
+                                 "replies; later replies are logged and counted as late")
+    straggler_timeout: float = Field(
+        300.0, ge=0, description="once min-train institutions have replied, seconds to wait "
+        "for the rest before the round goes on without them (0 = until round-timeout)"
+    )
     join_timeout: float = Field(3600.0, ge=0, description="seconds to wait for "
-                                "min-available institutions to be connected, at the start "
-                                "and in any later round, before failing the run (0 = forever)")
+                                "min-available institutions before the first round, and "
+                                "for min-train in a later one, before failing the run "
+                                "(0 = forever)")
     output_dir: str = Field("outputs", min_length=1, description="folder for the final "
                             "model and metrics.json")
+    agreement_id: str = Field("", description="the federation agreement this run runs under "
+                              "(set by flower-server --agreement FILE)")
+    resume: bool = Field(False, description="continue an interrupted run from the "
+                         "checkpoint in output-dir (written after every round)")
     update_dtype: Literal["float32", "float16"] = Field(
         "float32", description="float16: institutions send their update (trained − received) "
         "in half precision, halving the bytes; the coordinator adds it to its float32 "
@@ -230,6 +241,10 @@ class FedsiloConfig(BaseModel):
             raise ValueError("update-dtype 'float16' after clipping at the institution could "
                              "round an update past update-clipping-norm; use "
                              "--update-clipping coordinator or float32")
+        if fed.resume and (fed.secure_aggregation or (priv.dp and priv.dp_level == "client")):
+            raise ValueError("resume is not available with secure-aggregation or dp-level "
+                             "'client' (their protocol and accountant state live in Flower "
+                             "and are not checkpointed); start a new run")
         if priv.dp and priv.dp_level == "client" and fed.strategy != "fedavg":
             raise ValueError("dp-level 'client' needs strategy 'fedavg' (Flower's accountant "
                              "assumes a uniform average)")

@@ -13,6 +13,9 @@ SECAGG_RANGE_CODE = 4101
 #: Metric every reply carries under client-level DP: Flower's accountant needs a
 #: uniform average, so each institution weighs 1.
 UNIFORM_WEIGHT_KEY = "uniform-weight"
+#: Config key of every message naming the run across resumptions (the first Flower
+#: run id); institutions key their ledger rounds by it.
+RUN_KEY = "fedsilo-run"
 
 
 def array_record_bytes(record: ArrayRecord) -> int:

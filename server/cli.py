@@ -32,7 +32,7 @@ from fedsilo.common.processes import (
     wait_for_port,
 )
 from fedsilo.common.task import freeze_labels
-from fedsilo.server import provision
+from fedsilo.server import checkpoint, provision
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
@@ -76,7 +76,11 @@ def _pki_files(pki: Path) -> dict[str, Path]:
 
 def resolve_config(args: argparse.Namespace) -> FedsiloConfig:
     """The run's settings; the holdout split is a simulation-only notion."""
-    flat = {"holdout-fraction": 0.0, "output-dir": "outputs/federation"} | typed_overrides(args)
+    given = typed_overrides(args)
+    flat = {"holdout-fraction": 0.0, "output-dir": "outputs/federation"} | given
+    if given.get("resume"):  # the interrupted run's settings, unless a flag changes one
+        folder = Path(str(flat["output-dir"])).expanduser().resolve()
+        flat = checkpoint.load(folder).config | given | {"output-dir": str(folder)}
     cfg = FedsiloConfig.from_flat(flat, origin="command line")
     if cfg.data.holdout_fraction:
         raise ConfigError("--holdout-fraction is for simulations; give the coordinator's own "
@@ -144,9 +148,11 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
         run_to_completion(link, app, sink)
     except LaunchError as err:
         log.error("%s", err)
+        _resume_hint(cfg)
         return 1
     except KeyboardInterrupt:
         log.warning("interrupted")
+        _resume_hint(cfg)
         return 130
     finally:
         sink.close()
@@ -155,6 +161,13 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
     log.info("done: model in %s/model, metrics in %s/metrics.json",
              cfg.federation.output_dir, cfg.federation.output_dir)
     return 0
+
+
+def _resume_hint(cfg: FedsiloConfig) -> None:
+    out = Path(cfg.federation.output_dir)
+    if (out / checkpoint.FILE).is_file():
+        log.info("to continue after the last completed round: flower-server --resume "
+                 "--output-dir %s (with the same --pki and --state-dir)", out)
 
 
 def main(argv: list[str] | None = None) -> int:

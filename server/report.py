@@ -8,6 +8,7 @@
       "config": {flat settings},            # the run config actually used
       "holdout_majority_rate": float|null,  # share of the largest class in the holdout
       "status": "running" | "completed",
+      "resumed_after": [int, ...],          # rounds after which --resume continued
       "rounds": [
         {
           "round": int,                     # 0 = the initial model
@@ -30,6 +31,10 @@
           "failures": [str, ...],           # errors institutions replied with
           "declined": [str, ...],           # rounds institutions declined (budget,
                                             # policy, duplicate) with their reason
+          "dropped": [str, ...],            # institutions the round went on without
+                                            # (gone, or past --straggler-timeout)
+          "late": [str, ...],               # replies to earlier rounds that arrived
+                                            # during this one (counted, not aggregated)
           "aggregate_seconds": float|null,  # decoding + aggregating the updates
           "seconds": float                  # wall time of the round
         }, ...
@@ -91,6 +96,27 @@ class RunReport:
             "holdout_majority_rate": None, "status": "running", "rounds": [],
         }
         self._started = time.monotonic()
+        #: Institution names by Flower node id, learned from their replies.
+        self.names: dict[int, str] = {}
+
+    def who(self, node_id: int) -> str:
+        """An institution's name (once it has replied) and node id."""
+        name = self.names.get(node_id)
+        return f"{name} (node {node_id})" if name else f"node {node_id}"
+
+    def record_dropped(self, server_round: int, node_id: int, what: str, reason: str) -> None:
+        """Record an institution whose ``what`` reply the round went on without."""
+        text = f"{self.who(node_id)}: {what} reply missing: {reason}"
+        self._round(server_round)["dropped"].append(text)
+        log.warning("round %d: %s", server_round, text)
+
+    def record_late(self, reply_round: int, node_id: int, what: str, arrived_in: int,
+                    content: str) -> None:
+        """Record a reply to round ``reply_round`` that arrived after that round closed."""
+        text = (f"{self.who(node_id)}: {what} reply to round {reply_round} arrived late "
+                f"({content}); not aggregated")
+        self._round(max(arrived_in, reply_round))["late"].append(text)
+        log.warning("round %d: %s", arrived_in, text)
 
     def _round(self, server_round: int) -> dict[str, Any]:
         rounds = self.doc["rounds"]
@@ -98,6 +124,7 @@ class RunReport:
             rounds.append({"round": server_round, "train_loss": None, "federated_eval": None,
                            "centralized_eval": None, "bytes_received": 0,
                            "institutions": {}, "failures": [], "declined": [],
+                           "dropped": [], "late": [],
                            "client_level_dp": None, "aggregate_seconds": None,
                            "seconds": 0.0})
         return rounds[-1]
@@ -110,6 +137,7 @@ class RunReport:
                                   msg.metadata.src_node_id)
                 continue
             size = sum(array_record_bytes(r) for r in msg.content.array_records.values())
+            self.names[msg.metadata.src_node_id] = institution_name(msg)
             self.record_update(server_round, institution_name(msg),
                                dict(msg.content["metrics"]), size)
 
@@ -198,10 +226,17 @@ class RunReport:
             parts.append(f"client-level ε {entry['client_level_dp']['epsilon']:.2f}")
         if entry["failures"]:
             parts.append(f"{len(entry['failures'])} failed")
-        if entry["declined"]:
-            parts.append(f"{len(entry['declined'])} declined")
+        for key in ("declined", "dropped", "late"):
+            if entry[key]:
+                parts.append(f"{len(entry[key])} {key}")
         parts.append(f"{entry['seconds']:.0f}s")
         return " | ".join(parts)
+
+    def resume(self, doc: dict[str, Any]) -> None:
+        """Continue the metrics of an interrupted run (from its checkpoint)."""
+        self.doc = {**doc, "config": self.doc["config"], "status": "running"}
+        self.doc.setdefault("resumed_after", []).append(doc["rounds"][-1]["round"])
+        self.write()
 
     def complete(self) -> None:
         """Mark the run as completed and persist."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsilo.common.config import FedsiloConfig
@@ -23,9 +23,11 @@ from fedsilo.common.model import (
     set_trainable_state,
 )
 from fedsilo.common.task import EvalResult, encode, evaluate, federation_labels
+from fedsilo.server import checkpoint
 from fedsilo.server.outputs import save_model
 from fedsilo.server.plots import write_artefacts
 from fedsilo.server.report import RunReport
+from fedsilo.server.rounds import run_rounds
 from fedsilo.server.secagg import Evaluator, SecAggFedAvg, run_secagg
 from fedsilo.server.strategy import build_strategy
 from fedsilo.server.waiting import PatientGrid
@@ -80,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
                                 [t.numpy() for t in initial.values()], report, centralized)
         final = run_secagg(grid, context, cfg.federation, strategy)
     else:
-        final = _run_message_api(grid, cfg, report, initial, centralized)
+        final = _run_message_api(grid, cfg, report, initial, centralized, context.run_id)
     if not any(r["institutions"] for r in report.doc["rounds"]):
         raise RuntimeError("no institution returned an update in any round; nothing to save "
                            "(see the failures in metrics.json)")
@@ -103,26 +105,47 @@ def _dp_summary(cfg: FedsiloConfig) -> str:
 
 def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
                      initial: dict[str, torch.Tensor], centralized: Evaluator,
-                     ) -> dict[str, np.ndarray]:
-    """Run all rounds with a Message-API strategy; return the final tensors by name."""
+                     run_id: int) -> dict[str, np.ndarray]:
+    """Run (or resume) all rounds with a Message-API strategy; return the final tensors."""
+    fed = cfg.federation
+    out = Path(fed.output_dir)
+    strategy = build_strategy(cfg, report)
+    first, run_key, arrays = 1, run_id, ArrayRecord(initial)
+    if fed.resume:
+        ckpt = checkpoint.load(out)
+        checkpoint.check_settings(ckpt, cfg.to_flat(), out / checkpoint.FILE)
+        checkpoint.restore_strategy_state(strategy, ckpt.strategy_state)
+        report.resume(ckpt.metrics)
+        first, run_key = ckpt.server_round + 1, ckpt.run_key
+        arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in ckpt.arrays.items()})
+        log.info("resuming run %d after round %d of %d from %s", run_key, ckpt.server_round,
+                 fed.num_rounds, out / checkpoint.FILE)
+    else:
+        report.record_centralized_eval(0, centralized(0, _named(arrays)))
+        report.finish_round(0)
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        named = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
-        result = centralized(server_round, named)
-        report.record_centralized_eval(server_round, result)
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
+        report.record_centralized_eval(server_round, centralized(server_round, _named(arrays)))
         report.finish_round(server_round)
-        if result is None:
-            return None
-        return MetricRecord({"loss": result.loss, "accuracy": result.accuracy,
-                             "macro-f1": result.macro_f1})
+        checkpoint.save(out, checkpoint.Checkpoint(
+            server_round, run_key, _named(arrays), checkpoint.strategy_state(strategy),
+            cfg.to_flat(), report.doc))
 
-    result = build_strategy(cfg, report).start(
-        grid=PatientGrid(grid, cfg.federation.min_available,  # type: ignore[arg-type]
-                         cfg.federation.join_timeout),
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=cfg.federation.num_rounds,
-        timeout=cfg.federation.round_timeout,
-        evaluate_fn=end_of_round,
-    )
-    arrays = result.arrays
+    patient = PatientGrid(
+        grid, fed.min_available, fed.join_timeout, min_replies=fed.min_train,
+        straggler_timeout=fed.straggler_timeout,
+        on_missing=lambda m: report.record_dropped(m.server_round, m.node_id,
+                                                   m.message_type, m.reason),
+        on_late=lambda m, now: report.record_late(m.server_round, m.node_id,
+                                                  m.message_type, now, m.reason))
+    log.info("%d institution(s) connected", patient.wait_until_joined())
+    # From now on a round needs only min-train of them.
+    patient.minimum, patient.flag = fed.min_train, "--min-train"
+    final = run_rounds(strategy, patient, arrays,  # type: ignore[arg-type]
+                       first=first, last=fed.num_rounds, run_key=run_key,
+                       timeout=fed.round_timeout, end_of_round=end_of_round)
+    return _named(final)
+
+
+def _named(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))

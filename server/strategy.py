@@ -36,7 +36,9 @@ def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
         "fraction_evaluate": fed.fraction_train,
         "min_train_nodes": fed.min_train,
         "min_evaluate_nodes": fed.min_train,
-        "min_available_nodes": fed.min_available,
+        # fedsilo waits for min-available institutions before the first round
+        # (server.waiting); a later round goes on with any min-train of them.
+        "min_available_nodes": fed.min_train,
         "train_metrics_aggr_fn": _mean_train_loss,
     }
     if cfg.privacy.dp and cfg.privacy.dp_level == "client":

@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
@@ -78,25 +78,62 @@ def test_train_declines_when_the_budget_is_spent_before_any_step(cfg, monkeypatc
         reply.error.reason
 
 
-def test_a_repeated_round_is_declined_and_counted_once(cfg):
+def _named(record):
+    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+
+
+def test_a_repeated_round_resends_the_same_update_and_is_counted_once(cfg, monkeypatch):
+    """A resumed coordinator asks again: same bytes out, no new spend, one ledger line."""
     context = _context(cfg)
     first = client_app.train(_message(cfg, "train", 1)[0], context)
+    monkeypatch.setattr(client_app, "train_private", lambda *a: pytest.fail("trained twice"))
     again = client_app.train(_message(cfg, "train", 1)[0], context)
-    assert again.has_error() and "already trained" in again.error.reason
+    assert not again.has_error()
+    assert journal.digest(_named(again.content["arrays"])) == \
+        journal.digest(_named(first.content["arrays"]))
+    for key in ("epsilon", "num-examples", "steps", "train-loss"):
+        assert again.content["metrics"][key] == first.content["metrics"][key]
     folder = Path(cfg.federation.output_dir) / "ledgers" / "run-1" / "institution-1"
     ledgers = list(folder.glob("*.json"))
     assert len(ledgers) == 1
     entries = json.loads(ledgers[0].read_text())["entries"]
     assert len(entries) == 1 and entries[0]["epsilon"] == first.content["metrics"]["epsilon"]
-    # The institution's journal: what came in and what left, then the refusal.
+    events = journal.read(folder / "journal.jsonl")
+    assert [e["event"] for e in events] == ["train", "train"]
+    assert events[0]["sent"] == journal.digest(_named(first.content["arrays"]))
+    assert events[0]["sent"] == events[1]["sent"] and events[0]["round"] == 1
+
+
+def test_a_repeated_round_with_another_global_model_is_declined(cfg, monkeypatch):
+    context = _context(cfg)
+    first = client_app.train(_message(cfg, "train", 1)[0], context)
+    msg, _ = _message(cfg, "train", 1)
+    arrays = _named(msg.content["arrays"])
+    name = next(iter(arrays))
+    arrays[name] = arrays[name] + 1.0  # not the model round 1 was trained from
+    msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    monkeypatch.setattr(client_app, "train_private", lambda *a: pytest.fail("trained twice"))
+    again = client_app.train(msg, context)
+    assert again.has_error() and again.error.code == DECLINED_CODE
+    assert "already trained" in again.error.reason
+    folder = Path(cfg.federation.output_dir) / "ledgers" / "run-1" / "institution-1"
+    entries = json.loads(next(folder.glob("*.json")).read_text())["entries"]
+    assert len(entries) == 1 and entries[0]["epsilon"] == first.content["metrics"]["epsilon"]
     events = journal.read(folder / "journal.jsonl")
     assert [e["event"] for e in events] == ["train", "declined"]
-    sent = first.content["arrays"]
-    assert events[0]["sent"] == journal.digest(
-        dict(zip(sent.keys(), sent.to_numpy_ndarrays(), strict=True)))
-    assert events[0]["epsilon"] == entries[0]["epsilon"] and events[0]["round"] == 1
-    assert events[0]["received"] == events[1]["received"]
-    assert "already trained" in events[1]["reason"]
+    assert events[0]["received"] != events[1]["received"]
+
+
+def test_the_run_key_survives_a_new_flower_run(cfg, monkeypatch):
+    """After --resume Flower's run id changes; the run key in the message does not."""
+    first = client_app.train(_message(cfg, "train", 1)[0], _context(cfg))
+    msg, _ = _message(cfg, "train", 1)
+    msg.content["config"]["fedsilo-run"] = 1
+    resumed = Context(run_id=99, node_id=7, state=RecordDict(), run_config=cfg.to_flat(),
+                      node_config={"partition-id": 1, "num-partitions": 3})
+    monkeypatch.setattr(client_app, "train_private", lambda *a: pytest.fail("trained twice"))
+    again = client_app.train(msg, resumed)
+    assert again.content["metrics"]["epsilon"] == first.content["metrics"]["epsilon"]
 
 
 def test_dp_off_is_explicit_and_warned(cfg, caplog):

@@ -1,0 +1,72 @@
+"""Re-sending a round's update, byte for byte, when the coordinator asks for it again.
+
+A coordinator that crashes mid-round and resumes asks for that round again. The
+institution may already have trained it, counted it in its ledger and released the
+update. Training again would release a second noisy update and spend privacy twice;
+declining would lose the round. Instead the institution keeps its latest release
+(``released/<dataset>-run-<run>-last.npz`` beside the ledger, written before the spend
+is recorded) and, for the same run, round and received global model, sends exactly
+that update again: re-sending a released output costs no privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one round released: the arrays as they left, and the reply's metrics."""
+
+    server_round: int
+    received_sha256: str
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+
+
+def _path(folder: Path, fingerprint: str, run: int) -> Path:
+    return folder / "released" / f"{fingerprint[:32]}-run-{run}-last.npz"
+
+
+def save(folder: Path, fingerprint: str, run: int, release: Release) -> None:
+    """Atomically keep ``release`` as the run's latest (replacing the previous round's)."""
+    path = _path(folder, fingerprint, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"round": release.server_round, "received": release.received_sha256,
+            "metrics": release.metrics}
+    fd, tmp = tempfile.mkstemp(prefix=".release-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.array(json.dumps(meta)),
+                     **{f"a/{k}": v for k, v in release.arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(folder: Path, fingerprint: str, run: int, server_round: int,
+         received_sha256: str) -> Release | None:
+    """The kept release of this round for this global model, or None."""
+    path = _path(folder, fingerprint, run)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["__meta__"]))
+            arrays = {k[2:]: npz[k] for k in npz.files if k.startswith("a/")}
+    except (OSError, ValueError, KeyError):
+        return None
+    if meta["round"] != server_round or meta["received"] != received_sha256:
+        return None
+    return Release(server_round, received_sha256, arrays, dict(meta["metrics"]))
+

@@ -1,0 +1,124 @@
+"""The coordinator's checkpoint: everything needed to continue a run after a crash.
+
+After every completed round the ServerApp replaces ``<output-dir>/checkpoint.npz``
+(temporary file, fsync, rename, so a crash leaves the previous checkpoint intact)
+with the global trainable tensors, the strategy's own state (FedAdam's moments), the
+round number, the run's identity (the first Flower run id, which institutions' ledgers
+key their rounds by), the settings and the metrics so far. ``--resume`` continues with
+the next round; the settings must be those of the interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FILE = "checkpoint.npz"
+SCHEMA = "fedsilo.checkpoint/1"
+#: Strategy attributes that carry state from round to round (Flower's FedOpt family).
+STATE_ATTRIBUTES = ("m_t", "v_t")
+#: Settings that may differ between the interrupted run and its resumption.
+MAY_DIFFER = ("resume", "join-timeout", "round-timeout", "straggler-timeout")
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint, or one that belongs to other settings."""
+
+
+@dataclass
+class Checkpoint:
+    """A completed round's state."""
+
+    server_round: int
+    run_key: int
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, dict[str, np.ndarray]]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def save(folder: Path, ckpt: Checkpoint) -> Path:
+    """Atomically replace ``folder/checkpoint.npz`` with ``ckpt``; return its path."""
+    path = folder / FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"schema": SCHEMA, "round": ckpt.server_round, "run_key": ckpt.run_key,
+            "config": ckpt.config, "metrics": ckpt.metrics}
+    payload = {f"arrays/{k}": v for k, v in ckpt.arrays.items()}
+    for attr, tensors in ckpt.strategy_state.items():
+        payload |= {f"{attr}/{k}": v for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.array(json.dumps(meta, allow_nan=False)), **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load(folder: Path) -> Checkpoint:
+    """Read ``folder/checkpoint.npz``.
+
+    Raises
+    ------
+    CheckpointError
+        When there is none or it cannot be read.
+    """
+    path = folder / FILE
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint {path}; a run writes one after each "
+                              "completed round. Check --output-dir, or start without --resume")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["__meta__"]))
+            tensors = {k: npz[k] for k in npz.files if k != "__meta__"}
+        if meta.get("schema") != SCHEMA:
+            raise ValueError(f"schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"--resume: checkpoint {path} is unreadable ({err})") from None
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        group, _, name = key.partition("/")
+        groups.setdefault(group, {})[name] = value
+    return Checkpoint(int(meta["round"]), int(meta["run_key"]), groups.pop("arrays", {}),
+                      groups, meta["config"], meta["metrics"])
+
+
+def check_settings(ckpt: Checkpoint, flat: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with settings other than the interrupted run's."""
+    differ = sorted(k for k in set(flat) | set(ckpt.config)
+                    if k not in MAY_DIFFER and flat.get(k) != ckpt.config.get(k))
+    if differ:
+        shown = ", ".join(f"{k} (checkpoint {ckpt.config.get(k)!r}, now {flat.get(k)!r})"
+                          for k in differ)
+        raise CheckpointError(f"--resume: {path} was written with other settings: {shown}. "
+                              "Resume with the interrupted run's settings")
+
+
+def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:
+    """The strategy's round-to-round state (empty for FedAvg)."""
+    return {attr: dict(getattr(strategy, attr)) for attr in STATE_ATTRIBUTES
+            if getattr(strategy, attr, None)}
+
+
+def restore_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put a checkpoint's strategy state back."""
+    for attr, tensors in state.items():
+        if attr not in STATE_ATTRIBUTES or not hasattr(strategy, attr):
+            raise CheckpointError(f"--resume: the checkpoint holds {attr!r} state that strategy "
+                                  f"{type(strategy).__name__} does not use")
+        setattr(strategy, attr, dict(tensors))

@@ -1,0 +1,140 @@
+"""Stragglers, dropouts and late replies; the checkpoint the coordinator resumes from."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsilo.server import checkpoint
+from fedsilo.server.waiting import SUPERLINK_NODE_ID, Missing, PatientGrid
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class ScriptedGrid:
+    """A grid whose nodes reply after given delays (None = never; 'gone' = SuperLink error)."""
+
+    def __init__(self, delays):
+        self.delays = delays
+        self.sent: dict[str, tuple[Message, float]] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            mid = f"m{len(self.sent) + i}"
+            ids.append(mid)
+            self.sent[mid] = (msg, time.monotonic())
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            msg, at = self.sent[mid]
+            delay = self.delays[msg.metadata.dst_node_id]
+            if delay is None or time.monotonic() - at < (0 if delay == "gone" else delay):
+                continue
+            if delay == "gone":
+                reply = Message(Error(code=2, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            else:
+                reply = Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            out.append(reply)
+        return out
+
+
+def _messages(nodes, server_round):
+    return [Message(RecordDict({"config": ConfigRecord({"server-round": server_round})}),
+                    dst_node_id=n, message_type="train", group_id=str(server_round))
+            for n in nodes]
+
+
+def _grid(delays, **kwargs):
+    missing, late = [], []
+    grid = PatientGrid(ScriptedGrid(delays), 0, 0, poll_seconds=0.02,
+                       on_missing=missing.append, on_late=lambda m, r: late.append((m, r)),
+                       **kwargs)
+    return grid, missing, late
+
+
+def test_a_straggler_does_not_hold_the_round_and_its_late_reply_is_counted():
+    grid, missing, late = _grid({11: 0, 12: 0, 13: 0.6}, min_replies=2,
+                                straggler_timeout=0.2)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_messages([11, 12, 13], 1), timeout=30))
+    assert time.monotonic() - started < 5  # not the 30 s round timeout
+    assert sorted(r.metadata.src_node_id for r in replies) == [11, 12]
+    assert missing == [Missing(13, 1, "train", missing[0].reason)]
+    assert "--straggler-timeout" in missing[0].reason
+    time.sleep(0.6)
+    replies = list(grid.send_and_receive(_messages([11, 12], 2), timeout=30))
+    assert len(replies) == 2
+    assert [(m.node_id, m.server_round, r) for m, r in late] == [(13, 1, 2)]
+
+
+def test_a_node_the_superlink_reports_gone_is_dropped_by_name_not_aggregated():
+    grid, missing, _ = _grid({11: 0, 12: 0, 13: "gone"}, min_replies=2, straggler_timeout=5)
+    replies = list(grid.send_and_receive(_messages([11, 12, 13], 1), timeout=30))
+    assert sorted(r.metadata.src_node_id for r in replies) == [11, 12]
+    assert [(m.node_id, m.reason) for m in missing] == [(13, "Node Unavailable")]
+
+
+def test_the_round_timeout_bounds_the_wait_below_the_minimum():
+    grid, missing, _ = _grid({11: 0, 12: None}, min_replies=2, straggler_timeout=0)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_messages([11, 12], 1), timeout=0.3))
+    assert 0.3 <= time.monotonic() - started < 3 and len(replies) == 1
+    assert missing[0].node_id == 12 and "--round-timeout" in missing[0].reason
+
+
+def _ckpt(server_round=2):
+    return checkpoint.Checkpoint(
+        server_round, 7, {"w": np.arange(4, dtype=np.float32)},
+        {"m_t": {"w": np.ones(4)}, "v_t": {"w": np.full(4, 2.0)}},
+        {"num-rounds": 3, "resume": False}, {"rounds": [{"round": 0}]})
+
+
+def test_checkpoint_round_trip_and_strategy_state(tmp_path: Path):
+    checkpoint.save(tmp_path, _ckpt())
+    back = checkpoint.load(tmp_path)
+    assert (back.server_round, back.run_key, back.metrics) == (2, 7, {"rounds": [{"round": 0}]})
+    np.testing.assert_array_equal(back.arrays["w"], np.arange(4, dtype=np.float32))
+
+    class Adam:
+        m_t: dict = {}
+        v_t: dict = {}
+
+    adam = Adam()
+    checkpoint.restore_strategy_state(adam, back.strategy_state)
+    assert checkpoint.strategy_state(adam)["v_t"]["w"].tolist() == [2.0] * 4
+    with pytest.raises(checkpoint.CheckpointError, match="does not use"):
+        checkpoint.restore_strategy_state(object(), back.strategy_state)
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch):
+    checkpoint.save(tmp_path, _ckpt(1))
+    before = (tmp_path / checkpoint.FILE).read_bytes()
+    monkeypatch.setattr(checkpoint.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, _ckpt(2))
+    assert (tmp_path / checkpoint.FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]
+
+
+def test_resume_errors_name_the_flag_and_the_differing_settings(tmp_path: Path):
+    with pytest.raises(checkpoint.CheckpointError, match="--resume: no checkpoint"):
+        checkpoint.load(tmp_path)
+    (tmp_path / checkpoint.FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        checkpoint.load(tmp_path)
+    ckpt = _ckpt()
+    checkpoint.check_settings(ckpt, {"num-rounds": 3, "resume": True}, tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"num-rounds \(checkpoint 3, now 5\)"):
+        checkpoint.check_settings(ckpt, {"num-rounds": 5, "resume": True}, tmp_path)
