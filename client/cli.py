@@ -36,8 +36,10 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
 )
 
+from fedsilo.client.agreements import approve
 from fedsilo.client.ledger import Ledger, LedgerError
 from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
+from fedsilo.common.agreement import AgreementError
 from fedsilo.common.config import (
     DEFAULT_MODEL,
     ConfigError,
@@ -203,9 +205,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def approve_main(argv: list[str]) -> int:
+    """``flower-client approve AGREEMENT``: verify, show and store a federation agreement."""
+    parser = argparse.ArgumentParser(prog="flower-client approve",
+                                     description="Approve a federation agreement for this "
+                                     "institution's data (stored beside its ledger)")
+    parser.add_argument("agreement", type=Path, help="the agreement file from the coordinator")
+    parser.add_argument("--config", type=Path, required=True, help="the kit's client.toml")
+    parser.add_argument("--yes", action="store_true", help="approve without asking")
+    args = parser.parse_args(argv)
+
+    def confirm(question: str) -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise AgreementError("no terminal to ask on: read the terms above and run again "
+                                 "with --yes to approve")
+        return input(question).strip().lower() in ("y", "yes")
+
+    try:
+        settings = tomllib.loads(args.config.read_text("utf-8"))
+        folder = args.config.parent
+        ledger = folder / settings.get(LEDGER_KEY, "ledger")
+        ca = folder / settings.get("root-certificates", "ca.pem")
+        approve(args.agreement, ledger, ca, confirm)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        log.error("--config %s: cannot read the client config (%s)", args.config, err)
+        return 2
+    except AgreementError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Validate the institution's settings, then run its SuperNode until stopped."""
     configure_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["approve"]:
+        return approve_main(argv[1:])
     args = build_parser().parse_args(argv)
     overrides = {k: getattr(args, k.replace("-", "_")) for k in ALL_KEYS}
     try:

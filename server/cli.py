@@ -33,6 +33,7 @@ from fedsilo.common.processes import (
 )
 from fedsilo.common.task import freeze_labels
 from fedsilo.server import checkpoint, provision
+from fedsilo.server.agreements import run_under, write_agreement
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--insecure", action="store_true",
                      help="no TLS and no institution authentication (local tests only)")
     srv.add_argument("--verbose", action="store_true", help="echo Flower's log lines too")
+    srv.add_argument("--agreement", type=Path, help="run under this federation agreement "
+                     "(from `flower-server agreement`); the run must match its terms")
     add_config_arguments(parser, ["model", "data", "privacy", "train", "federation"])
     return parser
 
@@ -176,12 +179,29 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["provision"]:
         return provision.main(argv[1:])
     configure_logging()
-    terminate_on_sigterm()
-    args = build_parser().parse_args(argv)
+    issuing = argv[:1] == ["agreement"]
+    parser = build_parser()
+    if issuing:
+        parser.prog = "flower-server agreement"
+        parser.description = ("Write the federation agreement for the run these flags "
+                              "describe, signed with the coordinator's server key")
+        parser.add_argument("--name", required=True, help="the federation's name")
+        parser.add_argument("--out", type=Path, required=True, help="agreement file to write")
+    args = parser.parse_args(argv[1:] if issuing else argv)
     try:
         cfg = resolve_config(args)
         load_tokenizer(cfg.model)
-    except (ConfigError, DataError, ModelError, ValueError) as err:
+        if issuing:
+            ident = write_agreement(cfg, args.name, _pki_files(args.pki), args.out)
+            log.info("agreement %s written to %s: send it to every institution's privacy "
+                     "officer (flower-client approve %s), then run with --agreement %s",
+                     ident, args.out, args.out.name, args.out)
+            return 0
+        if args.agreement is not None:
+            cfg = run_under(cfg, args.agreement, _pki_files(args.pki)["ca"])
+            log.info("running under agreement %s", cfg.federation.agreement_id)
+    except (ConfigError, DataError, ModelError, ValueError, OSError) as err:
         log.error("%s", err)
         return 2
+    terminate_on_sigterm()
     return run(args, cfg)

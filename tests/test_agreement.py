@@ -1,0 +1,124 @@
+"""The federation agreement: issued signed, approved once, enforced term by term."""
+
+import json
+import shutil
+
+import pytest
+
+from fedsilo.client import agreements
+from fedsilo.client import cli as client_cli
+from fedsilo.client.policy import PolicyError
+from fedsilo.common.agreement import agreement_id, differences
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.task import freeze_labels
+from fedsilo.server import cli as server_cli
+from fedsilo.server.agreements import write_agreement
+from fedsilo.server.launch import write_thin_app
+from fedsilo.server.provision import provision
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return provision(tmp_path_factory.mktemp("pki"), ["localhost"], ["hospital-a"])
+
+
+@pytest.fixture
+def cfg(tiny_bert, tmp_path):
+    return freeze_labels(FedsiloConfig.from_flat({
+        "model": str(tiny_bert), "num-rounds": 2, "target-epsilon": 4.0,
+        "output-dir": str(tmp_path / "out")}))
+
+
+def _files(pki):
+    return {"ca": pki.ca_cert, "cert": pki.server_cert, "key": pki.server_key}
+
+
+@pytest.fixture
+def issued(cfg, pki, tmp_path):
+    path = tmp_path / "agreement.json"
+    ident = write_agreement(cfg, "icd-chapters", _files(pki), path)
+    return path, ident
+
+
+@pytest.fixture
+def kit(pki, tmp_path):
+    folder = tmp_path / "kit"
+    shutil.copytree(pki.kits["hospital-a"], folder)
+    return folder
+
+
+def _approve(path, kit, *extra):
+    return client_cli.main(["approve", str(path), "--config", str(kit / "client.toml"), *extra])
+
+
+def test_approve_stores_a_verified_agreement_and_asks_without_yes(issued, kit, monkeypatch):
+    path, ident = issued
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert _approve(path, kit) == 2  # no terminal, no --yes: nothing stored
+    assert not (kit / "ledger" / "agreements").exists()
+    assert _approve(path, kit, "--yes") == 0
+    assert set(agreements.approved(kit / "ledger")) == {ident}
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda q: "n")
+    other = path.with_name("again.json")
+    other.write_text(path.read_text())
+    assert _approve(other, kit) == 2  # declined at the prompt: still only the first
+
+
+def test_altered_or_foreign_agreements_are_refused(issued, kit, tmp_path, cfg, caplog):
+    path, _ = issued
+    doc = json.loads(path.read_text())
+    doc["terms"]["target-epsilon"] = 50.0
+    altered = tmp_path / "altered.json"
+    altered.write_text(json.dumps(doc))
+    assert _approve(altered, kit, "--yes") == 2
+    foreign = provision(tmp_path / "other-pki", ["localhost"], ["x"])
+    forged = tmp_path / "forged.json"
+    write_agreement(cfg, "icd-chapters", _files(foreign), forged)
+    assert _approve(forged, kit, "--yes") == 2
+    assert not (kit / "ledger" / "agreements").exists()
+    text = caplog.text
+    assert "changed after the coordinator signed it" in text
+    assert "not issued by the federation CA" in text
+
+
+def test_stricter_privacy_is_allowed_anything_else_is_named():
+    approved = {"target-epsilon": 4.0, "target-delta": 0.0, "num-rounds": 2, "labels": ["a"]}
+    assert differences(approved, {**approved, "target-epsilon": 2.0}) == []
+    diffs = differences(approved, {**approved, "target-epsilon": 8.0, "num-rounds": 3,
+                                   "target-delta": 1e-3})
+    assert [d.split(" ")[0] for d in diffs] == ["num-rounds", "target-delta", "target-epsilon"]
+    assert "target-epsilon (approved 4.0, this run 8.0)" in diffs
+
+
+def test_institution_runs_only_what_it_approved(issued, kit, cfg, tmp_path, monkeypatch):
+    path, ident = issued
+    ledger = kit / "ledger"
+    agreements.check_run(cfg, ledger)  # nothing approved yet: no agreement needed
+    assert _approve(path, kit, "--yes") == 0
+    bundle = write_thin_app(tmp_path / "bundle", cfg)  # the bundle Flower would install
+    monkeypatch.setattr(agreements, "installed_app_dir", lambda: bundle)
+    agreements.check_run(cfg.replace(agreement_id=ident), ledger)
+    agreements.check_run(cfg.replace(agreement_id=ident, target_epsilon=1.0), ledger)
+    with pytest.raises(PolicyError, match="has not approved"):
+        agreements.check_run(cfg, ledger)
+    with pytest.raises(PolicyError, match=r"num-rounds \(approved 2, this run 5\)"):
+        agreements.check_run(cfg.replace(agreement_id=ident, num_rounds=5), ledger)
+    (bundle / "evil.py").write_text("print('exfiltrate')\n")  # a modified app bundle
+    with pytest.raises(PolicyError, match="app-sha256"):
+        agreements.check_run(cfg.replace(agreement_id=ident), ledger)
+    (bundle / "evil.py").unlink()
+    toml = bundle / "pyproject.toml"
+    toml.write_text(toml.read_text().replace("fedsilo.client.client_app:app", "evil:app"))
+    with pytest.raises(PolicyError, match="app-sha256"):
+        agreements.check_run(cfg.replace(agreement_id=ident), ledger)
+
+
+def test_coordinator_refuses_to_start_a_run_that_breaks_its_agreement(issued, pki, cfg, caplog):
+    path, ident = issued
+    code = server_cli.main(["--pki", str(pki.ca_cert.parents[1]), "--agreement", str(path),
+                            "--model", cfg.model.model, "--num-rounds", "3",
+                            "--target-epsilon", "4"])
+    assert code == 2
+    assert "--agreement" in caplog.text and "num-rounds (approved 2, this run 3)" in caplog.text
+    assert agreement_id(json.loads(path.read_text())) == ident
