@@ -76,6 +76,11 @@ def _finite(value: float) -> float | None:
     return None if math.isinf(value) or math.isnan(value) else value
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
 def institution_name(msg: Message) -> str:
     """Name the sending institution (its ConfigRecord, else its node id)."""
     record = msg.content.config_records.get(INSTITUTION_KEY)
@@ -229,7 +234,15 @@ class RunReport:
         for key in ("declined", "dropped", "late"):
             if entry[key]:
                 parts.append(f"{len(entry[key])} {key}")
+        if entry["round"] > 0:
+            heard = len(entry["institutions"]) + sum(len(entry[k]) for k in
+                                                     ("failures", "declined", "dropped"))
+            parts.append(f"{len(entry['institutions'])}/{heard} institutions aggregated")
         parts.append(f"{entry['seconds']:.0f}s")
+        done = [r["seconds"] for r in self.doc["rounds"] if r["round"] > 0]
+        left = self.num_rounds - entry["round"]
+        if done and left > 0:
+            parts.append(f"ETA {_duration(left * sum(done) / len(done))}")
         return " | ".join(parts)
 
     def resume(self, doc: dict[str, Any]) -> None:

@@ -43,3 +43,26 @@ def test_round_records_updates_declines_and_failures(tmp_path):
     assert entry["institutions"]["hospital-a"]["seconds"] == {"setup": 0.5, "train": 4.0}
     line = report.progress_line(entry)
     assert "1 declined" in line and "1 failed" in line and "hospital-a 2.00" in line
+
+
+def test_dropped_and_late_replies_are_named_counted_and_estimated(tmp_path):
+    report = RunReport(tmp_path, ["a"], {"dp": True}, num_rounds=3)
+    report.names[12] = "hospital-b"
+    report.finish_round(0)
+    report.record_dropped(1, 12, "train", "no reply within 20 s (--straggler-timeout)")
+    report.record_dropped(1, 13, "train", "Node Unavailable")
+    report.doc["rounds"][-1]["institutions"]["hospital-a"] = {"num_examples": 5,
+                                                              "train_loss": 1.0,
+                                                              "epsilon": 1.0}
+    line = report.progress_line(report.doc["rounds"][-1])
+    report.finish_round(1)
+    report.record_late(1, 12, "train", 2, "an update")
+    entry = report.doc["rounds"][-1]
+    assert entry["round"] == 2
+    assert entry["late"] == ["hospital-b (node 12): train reply to round 1 arrived late "
+                             "(an update); not aggregated"]
+    first = json.loads((tmp_path / "metrics.json").read_text())["rounds"][1]
+    assert first["dropped"][0].startswith("hospital-b (node 12): train reply missing")
+    assert first["dropped"][1].startswith("node 13:")
+    assert "2 dropped" in line and "1/3 institutions aggregated" in line
+    assert "ETA" in report.progress_line(report.doc["rounds"][1])
