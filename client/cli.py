@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from fedsilo.client.agreements import approve
+from fedsilo.client.dashboard import render
 from fedsilo.client.ledger import Ledger, LedgerError
 from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.agreement import AgreementError
@@ -49,6 +50,7 @@ from fedsilo.common.config import (
     parse_labels,
 )
 from fedsilo.common.data import DataError, LabelMap, load_records
+from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
 from fedsilo.common.processes import BIN, child_env, free_port, stop_group, terminate_on_sigterm
@@ -286,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
     try:
-        code = proc.wait()
+        with live_view(lambda: render(Path(settings[LEDGER_KEY]), str(settings[NAME_KEY]),
+                                      settings.get("target-epsilon"))):
+            code = proc.wait()
     except KeyboardInterrupt:
         log.info("stopping the SuperNode")
         code = 130

@@ -22,6 +22,7 @@ from pathlib import Path
 from fedsilo.common.config import ConfigError, FedsiloConfig, add_config_arguments
 from fedsilo.common.config import config_overrides as typed_overrides
 from fedsilo.common.data import DataError
+from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
 from fedsilo.common.processes import (
@@ -34,6 +35,7 @@ from fedsilo.common.processes import (
 from fedsilo.common.task import freeze_labels
 from fedsilo.server import checkpoint, provision
 from fedsilo.server.agreements import run_under, write_agreement
+from fedsilo.server.dashboard import render
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
@@ -148,7 +150,8 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
         log.info("listening on %s:%d (Fleet API only); waiting for %d institution(s)",
                  args.host, args.port, cfg.federation.min_available)
         app = write_thin_app(state / "app", cfg)
-        run_to_completion(link, app, sink)
+        with live_view(lambda: render(Path(cfg.federation.output_dir))):
+            run_to_completion(link, app, sink)
     except LaunchError as err:
         log.error("%s", err)
         _resume_hint(cfg)

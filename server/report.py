@@ -55,6 +55,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from fedsilo.common.live import duration
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
 
@@ -74,11 +75,6 @@ def _eval_dict(metrics: Mapping[str, float] | EvalResult | None) -> dict[str, fl
 
 def _finite(value: float) -> float | None:
     return None if math.isinf(value) or math.isnan(value) else value
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def institution_name(msg: Message) -> str:
@@ -108,6 +104,11 @@ class RunReport:
         """An institution's name (once it has replied) and node id."""
         name = self.names.get(node_id)
         return f"{name} (node {node_id})" if name else f"node {node_id}"
+
+    def progress(self, server_round: int, phase: str, replied: int, expected: int) -> None:
+        """Rewrite ``progress.json``: the round in progress and its replies so far."""
+        _atomic_json(self.path.with_name("progress.json"), {
+            "round": server_round, "phase": phase, "replied": replied, "expected": expected})
 
     def record_dropped(self, server_round: int, node_id: int, what: str, reason: str) -> None:
         """Record an institution whose ``what`` reply the round went on without."""
@@ -242,7 +243,7 @@ class RunReport:
         done = [r["seconds"] for r in self.doc["rounds"] if r["round"] > 0]
         left = self.num_rounds - entry["round"]
         if done and left > 0:
-            parts.append(f"ETA {_duration(left * sum(done) / len(done))}")
+            parts.append(f"ETA {duration(left * sum(done) / len(done))}")
         return " | ".join(parts)
 
     def resume(self, doc: dict[str, Any]) -> None:
@@ -258,7 +259,11 @@ class RunReport:
 
     def write(self) -> None:
         """Atomically replace ``metrics.json`` with the current state."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=2, allow_nan=False), "utf-8")
-        os.replace(tmp, self.path)
+        _atomic_json(self.path, self.doc)
+
+
+def _atomic_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False), "utf-8")
+    os.replace(tmp, path)

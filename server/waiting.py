@@ -46,6 +46,14 @@ class JoinTimeoutError(RuntimeError):
     """Too few institutions stayed connected for too long."""
 
 
+def _round_of(msg: Message) -> int:
+    """The round a strategy's message belongs to (its config's ``server-round``)."""
+    config = msg.content.config_records.get("config")
+    if config is not None and "server-round" in config:
+        return int(config["server-round"])
+    return int(msg.metadata.group_id or 0)
+
+
 class PatientGrid:
     """Delegate to ``grid``; fail when short of ``minimum`` nodes for over ``timeout`` s."""
 
@@ -53,11 +61,13 @@ class PatientGrid:
                  straggler_timeout: float = 0.0,
                  on_missing: Callable[[Missing], None] | None = None,
                  on_late: Callable[[Missing, int], None] | None = None,
+                 on_progress: Callable[[int, str, int, int], None] | None = None,
                  poll_seconds: float = 1.0) -> None:
         self._grid, self.minimum, self.timeout = grid, minimum, timeout
         self.min_replies, self.straggler_timeout = min_replies, straggler_timeout
         self._on_missing = on_missing or (lambda m: None)
         self._on_late = on_late or (lambda m, r: None)
+        self._on_progress = on_progress or (lambda r, t, n, m: None)
         self.poll_seconds = poll_seconds
         self._short_since: float | None = None
         self.flag = "--min-available"  # the setting ``minimum`` comes from
@@ -103,13 +113,19 @@ class PatientGrid:
         owed: dict[str, Missing] = {}
         for mid, msg in zip(ids, messages, strict=True):
             if mid:
-                self._round = max(self._round, int(msg.metadata.group_id or 0))
-                owed[mid] = Missing(msg.metadata.dst_node_id, int(msg.metadata.group_id or 0),
+                server_round = _round_of(msg)
+                self._round = max(self._round, server_round)
+                owed[mid] = Missing(msg.metadata.dst_node_id, server_round,
                                     msg.metadata.message_type, "")
         self.collect_late()
         replies: list[Message] = []
         started, enough_since, why = time.monotonic(), None, ""
+        first = next(iter(owed.values()), None)
+        expected = len(owed)
         while owed:
+            if first is not None:
+                self._on_progress(first.server_round, first.message_type,
+                                  expected - len(owed), expected)
             for reply in self._grid.pull_messages(list(owed)):
                 sent = owed.pop(reply.metadata.reply_to_message_id, None)
                 if sent is None:

@@ -25,10 +25,12 @@ from fedsilo.common.config import ConfigError, FedsiloConfig, add_config_argumen
 from fedsilo.common.config import config_overrides as typed_overrides
 from fedsilo.common.data import DataError
 from fedsilo.common.datasets import simulated_institution
+from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer, resolve_device
 from fedsilo.common.processes import terminate_on_sigterm
 from fedsilo.common.task import federation_labels, freeze_labels
+from fedsilo.server.dashboard import render
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             app_dir = write_thin_app(Path(tmp) / "app", cfg)
             sink = LogFilter(Path(cfg.federation.output_dir) / "run.log", args.verbose)
             try:
-                run_to_completion(link, app_dir, sink, federation_config(args))
+                with live_view(lambda: render(Path(cfg.federation.output_dir))):
+                    run_to_completion(link, app_dir, sink, federation_config(args))
             finally:
                 sink.close()
         except LaunchError as err:

@@ -52,7 +52,7 @@ class ScriptedGrid:
 
 def _messages(nodes, server_round):
     return [Message(RecordDict({"config": ConfigRecord({"server-round": server_round})}),
-                    dst_node_id=n, message_type="train", group_id=str(server_round))
+                    dst_node_id=n, message_type="train")
             for n in nodes]
 
 

@@ -1,0 +1,65 @@
+"""The coordinator's live view: the round in progress and every institution's state.
+
+It reads what the ServerApp writes to the output folder: ``progress.json`` (the
+round, phase and replies so far, rewritten as replies arrive) and ``metrics.json``
+(every finished round). :mod:`fedsilo.common.live` shows it on a terminal only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from fedsilo.common.live import duration
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+
+
+def _status(entry: dict[str, Any], name: str) -> str:
+    for key in ("failures", "declined", "dropped"):
+        if any(text.startswith(name) for text in entry.get(key, [])):
+            return {"failures": "rejected/failed", "declined": "declined",
+                    "dropped": "dropped"}[key]
+    return "aggregated" if name in entry.get("institutions", {}) else "-"
+
+
+def render(out: Path) -> RenderableType:
+    """The view of the run writing to ``out``."""
+    metrics, progress = _read(out / "metrics.json"), _read(out / "progress.json")
+    rounds = [r for r in metrics.get("rounds", []) if r["round"] > 0]
+    total = int(metrics.get("config", {}).get("num-rounds", 0) or 0)
+    head = Text("waiting for the run to start…", style="dim")
+    if progress:
+        done = [r["seconds"] for r in rounds]
+        left = max(total - len(rounds), 0)
+        eta = f" · ETA {duration(left * sum(done) / len(done))}" if done and left else ""
+        head = Text(f"round {progress['round']}/{total or '?'} · {progress['phase']} · "
+                    f"{progress['replied']}/{progress['expected']} institutions replied{eta}",
+                    style="bold")
+    table = Table(expand=False, title=None)
+    for column in ("institution", "examples", "train loss", "ε (cumulative)", "last round"):
+        table.add_column(column, justify="left" if column == "institution" else "right")
+    last = rounds[-1] if rounds else {}
+    names = sorted({n for r in rounds for n in r["institutions"]})
+    for name in names:
+        stats = next((r["institutions"][name] for r in reversed(rounds)
+                      if name in r["institutions"]), {})
+        eps = stats.get("epsilon")
+        table.add_row(name, str(stats.get("num_examples", "")),
+                      f"{stats['train_loss']:.4f}" if "train_loss" in stats else "",
+                      "no DP" if eps is None else f"{eps:.3f}", _status(last, name))
+    parts: list[RenderableType] = [head]
+    evals = last.get("centralized_eval") or last.get("federated_eval")
+    if evals:
+        parts.append(Text(f"after round {last['round']}: accuracy {evals['accuracy']:.3f}, "
+                          f"macro-F1 {evals['macro_f1']:.3f}, loss {evals['loss']:.4f}"))
+    if names:
+        parts.append(table)
+    return Group(*parts)

@@ -1,0 +1,54 @@
+"""The live views: what they show, and that off a terminal they stay out of the way."""
+
+import io
+import json
+
+from rich.console import Console
+
+from fedsilo.common import live
+from fedsilo.server.dashboard import render
+
+
+def _text(renderable) -> str:
+    console = Console(width=140, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_coordinator_view_shows_round_replies_eta_and_each_institution(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"num-rounds": 3}, "rounds": [
+        {"round": 0, "institutions": {}, "seconds": 5},
+        {"round": 1, "seconds": 120, "failures": ["hospital-c: rejected: NaN"],
+         "declined": [], "dropped": ["hospital-d (node 9): train reply missing: gone"],
+         "centralized_eval": {"accuracy": 0.5, "macro_f1": 0.25, "loss": 1.5},
+         "institutions": {n: {"num_examples": 100, "train_loss": 2.0, "epsilon": 3.25}
+                          for n in ("hospital-a", "hospital-b")}}]}))
+    (tmp_path / "progress.json").write_text(json.dumps(
+        {"round": 2, "phase": "train", "replied": 1, "expected": 4}))
+    text = _text(render(tmp_path))
+    assert "round 2/3 · train · 1/4 institutions replied · ETA 4m00s" in text
+    assert "accuracy 0.500" in text and "3.250" in text
+    assert "hospital-a" in text and "aggregated" in text
+
+
+def test_live_view_is_off_without_a_terminal(capsys, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    calls = []
+    with live.live_view(lambda: calls.append(1) or "x"):
+        print("plain line")
+    assert capsys.readouterr().out == "plain line\n" and calls == []
+    assert live.duration(3725) == "1h02m" and live.duration(65) == "1m05s"
+
+
+def test_institution_view_shows_rounds_spend_and_refusals(tmp_path):
+    from fedsilo.client.dashboard import render as institution_view
+    from fedsilo.common import journal
+
+    assert "waiting for the coordinator" in _text(institution_view(tmp_path, "h-a", 8.0))
+    journal.append(tmp_path / "journal.jsonl", "train", run=7, round=1, epsilon=2.5,
+                   num_examples=300, sent={"sha256": "x", "bytes": 625752})
+    journal.append(tmp_path / "journal.jsonl", "declined", run=9, round=1,
+                   reason="declined: the run differs from approved agreement")
+    text = _text(institution_view(tmp_path, "h-a", 8.0))
+    assert "h-a: 1 round(s) trained, ε spent 2.500 of 8.0" in text
+    assert "625,752 B" in text and "declined: declined: the run differs" in text
