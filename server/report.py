@@ -55,6 +55,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from fedsilo.common import journal
 from fedsilo.common.live import duration
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
@@ -114,6 +115,8 @@ class RunReport:
         """Record an institution whose ``what`` reply the round went on without."""
         text = f"{self.who(node_id)}: {what} reply missing: {reason}"
         self._round(server_round)["dropped"].append(text)
+        journal.append(self.journal, "dropped", round=server_round, node=node_id,
+                       institution=self.names.get(node_id), message=what, reason=reason)
         log.warning("round %d: %s", server_round, text)
 
     def record_late(self, reply_round: int, node_id: int, what: str, arrived_in: int,
@@ -122,6 +125,9 @@ class RunReport:
         text = (f"{self.who(node_id)}: {what} reply to round {reply_round} arrived late "
                 f"({content}); not aggregated")
         self._round(max(arrived_in, reply_round))["late"].append(text)
+        journal.append(self.journal, "late", round=reply_round, arrived_in=arrived_in,
+                       node=node_id, institution=self.names.get(node_id), message=what,
+                       content=content)
         log.warning("round %d: %s", arrived_in, text)
 
     def _round(self, server_round: int) -> dict[str, Any]:

@@ -66,3 +66,6 @@ def test_dropped_and_late_replies_are_named_counted_and_estimated(tmp_path):
     assert first["dropped"][1].startswith("node 13:")
     assert "2 dropped" in line and "1/3 institutions aggregated" in line
     assert "ETA" in report.progress_line(report.doc["rounds"][1])
+    events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["institution"]) for e in events] == [
+        ("dropped", "hospital-b"), ("dropped", None), ("late", "hospital-b")]
