@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     PublicFormat,
@@ -69,8 +71,49 @@ class ClientSetupError(ValueError):
     """A client setting is unusable; the message names the file, key or flag."""
 
 
+#: Expected TOML type of each client.toml key (the schema's ranges are checked too).
+_TEXT_KEYS = (NAME_KEY, "superlink", "root-certificates", "auth-private-key", "data",
+              "text-column", "label-column", "device", LEDGER_KEY, "model", "labels")
+_KINDS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(_TEXT_KEYS, (str,)), "labels": (str, list),
+    **dict.fromkeys(("insecure", "allow-no-dp"), (bool,)),
+    **dict.fromkeys(("target-epsilon", "target-delta", "max-grad-norm", "test-fraction"),
+                    (int, float)),
+    **dict.fromkeys(("max-examples", "runtime-port"), (int,)),
+}
+_SCHEMA_KEYS = (*DATA_KEYS, "target-epsilon", "target-delta", "max-grad-norm")
+
+
+def _check_types(settings: dict[str, Any], origin: str) -> None:
+    """Refuse a value of the wrong TOML type, naming ``origin`` and the key."""
+    for key, value in settings.items():
+        kinds = _KINDS.get(key, ())
+        if kinds and (not isinstance(value, kinds) or (bool not in kinds and
+                                                        isinstance(value, bool))):
+            names = " or ".join({"str": "a quoted string", "list": "a list of names",
+                                 "bool": "true or false", "int": "a whole number",
+                                 "float": "a number"}[k.__name__] for k in kinds
+                                if not (k is int and float in kinds))
+            raise ClientSetupError(f"{origin}: '{key}' must be {names} (got {value!r:.60} of "
+                                   f"type {type(value).__name__}); fix it in client.toml")
+    if isinstance(settings.get("labels"), list):
+        settings["labels"] = json.dumps([str(n) for n in settings["labels"]])
+    try:
+        FedsiloConfig.from_flat({k: settings[k] for k in _SCHEMA_KEYS if k in settings},
+                                origin=origin)
+    except ConfigError as err:
+        raise ClientSetupError(str(err)) from None
+
+
 def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Read ``client.toml`` (paths relative to its folder) and apply flag overrides."""
+    """Read ``client.toml`` (paths relative to its folder) and apply flag overrides.
+
+    Raises
+    ------
+    ClientSetupError
+        For an unreadable file, an unknown key, a value of the wrong type or out of range,
+        or a missing setting; the message names the file or flag and the key.
+    """
     settings: dict[str, Any] = {}
     if path is not None:
         try:
@@ -81,6 +124,7 @@ def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str
         if unknown:
             raise ClientSetupError(f"{path}: unknown key(s) {unknown}; known keys: "
                                    f"{', '.join(ALL_KEYS)}")
+        _check_types(settings, str(path))
         settings.setdefault(LEDGER_KEY, "ledger")  # beside client.toml unless set
         for key in PATH_KEYS:
             if key in settings and not Path(settings[key]).is_absolute():
@@ -89,6 +133,10 @@ def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str
     for key in (NAME_KEY, "superlink", "data", LEDGER_KEY):
         if not settings.get(key):
             raise ClientSetupError(f"missing '{key}': set it in client.toml or with --{key}")
+    host, _, port = str(settings["superlink"]).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientSetupError(f"superlink {settings['superlink']!r} is not HOST:PORT (e.g. "
+                               "fl.example.org:9092); fix it in client.toml or --superlink")
     return settings
 
 
@@ -117,20 +165,45 @@ def preflight(settings: dict[str, Any]) -> None:
         if not settings.get(key):
             raise ClientSetupError(f"missing '{key}' (use the kit's client.toml, or "
                                    "--insecure for a plain-text test federation)")
-    cert_path = Path(settings["root-certificates"])
-    try:
-        x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise ClientSetupError(f"root-certificates {cert_path}: not a readable PEM "
-                               f"certificate ({err})") from None
+    _check_ca(Path(settings["root-certificates"]))
     key_path = Path(settings["auth-private-key"])
     try:
+        mode = key_path.stat().st_mode
+    except OSError as err:
+        raise ClientSetupError(f"auth-private-key {key_path}: cannot read it ({err}); use the "
+                               "node.key from the kit") from None
+    if mode & 0o077:
+        raise ClientSetupError(f"auth-private-key {key_path}: permissions {mode & 0o777:04o} "
+                               "are too open (readable by group or others); run "
+                               f"`chmod 600 {key_path}`")
+    try:
         load_ssh_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise ClientSetupError(f"auth-private-key {key_path}: not a readable OpenSSH private "
-                               f"key ({err})") from None
-    if key_path.stat().st_mode & 0o077:
-        log.warning("auth-private-key %s is readable by others; run chmod 600 on it", key_path)
+                               f"key ({err}); use the node.key from the kit") from None
+
+
+def _check_ca(cert_path: Path) -> None:
+    """Refuse a CA file that is not a current PEM CA certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ClientSetupError(f"root-certificates {cert_path}: not a readable PEM "
+                               f"certificate ({err}); use the ca.pem from the kit") from None
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        start, end = (f"{t:%Y-%m-%d %H:%M} UTC" for t in (cert.not_valid_before_utc,
+                                                            cert.not_valid_after_utc))
+        raise ClientSetupError(
+            f"root-certificates {cert_path}: the CA certificate is valid only from {start} to "
+            f"{end}; ask the coordinator for a current kit (and check this host's clock)")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise ClientSetupError(f"root-certificates {cert_path}: not a CA certificate; use the "
+                               "ca.pem from the kit")
 
 
 def check_tls(superlink: str, ca_file: str, timeout: float = 10.0) -> None:

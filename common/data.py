@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 ICD10 = "icd10"
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+#: Longest accepted text or label value, in characters (the model reads only the first
+#: ``max-length`` tokens; a longer value is almost always a broken export).
+MAX_FIELD_CHARS = 1_000_000
+#: Longest accepted JSON Lines line, checked before parsing so a huge line fails fast.
+MAX_LINE_CHARS = 4 * MAX_FIELD_CHARS
 
 
 class DataError(ValueError):
@@ -112,17 +117,29 @@ def _read_table(path: Path) -> _Table:
     return table
 
 
+def _too_long(path: Path | str, where: str, size: int | str) -> DataError:
+    return DataError(f"data file '{path}' {where}: a value is {size} characters long, "
+                     f"over the limit of {MAX_FIELD_CHARS:,}; shorten or split that text, or "
+                     "remove the row")
+
+
 def _read_csv(path: Path, text: str) -> _Table:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: list[dict[str, str]] = []
     locations: list[str] = []
+    limit = csv.field_size_limit(MAX_FIELD_CHARS)  # the csv module's limit is global
     try:
         for row in reader:
             rows.append(row)
             locations.append(f"line {reader.line_num}")
     except csv.Error as err:
-        raise DataError(f"data file '{path}' line {reader.line_num}: malformed CSV ({err}); "
+        line = reader.reader.line_num  # DictReader's own count lags on a failing row
+        if "field larger than field limit" in str(err):
+            raise _too_long(path, f"line {line}", f"over {MAX_FIELD_CHARS:,}") from None
+        raise DataError(f"data file '{path}' line {line}: malformed CSV ({err}); "
                         "fix that line") from err
+    finally:
+        csv.field_size_limit(limit)
     names = [n for n in reader.fieldnames or () if n]
     return _Table({n: [row.get(n) for row in rows] for n in names}, locations)
 
@@ -133,6 +150,8 @@ def _read_jsonl(path: Path, text: str) -> _Table:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            raise _too_long(path, f"line {number}", f"{len(line):,}")
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -176,7 +195,9 @@ def _values(
 def _text(source: str, column: str, value: object, location: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"data file '{source}' {location}: column '{column}' has no text "
-                        f"(got {value!r}); fill it in or remove the row")
+                        f"(got {value!r:.80}); fill it in or remove the row")
+    if len(value) > MAX_FIELD_CHARS:
+        raise _too_long(source, f"{location}, column '{column}'", f"{len(value):,}")
     return value
 
 
@@ -185,7 +206,10 @@ def _value(source: str, column: str, value: object, location: str) -> str:
     if missing or (isinstance(value, str) and not value.strip()):
         raise DataError(f"data file '{source}' {location}: column '{column}' is empty; "
                         "fill it in or remove the row")
-    return str(value)
+    text = str(value)
+    if len(text) > MAX_FIELD_CHARS:
+        raise _too_long(source, f"{location}, column '{column}'", f"{len(text):,}")
+    return text
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -19,6 +22,8 @@ from transformers import (
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig
 from fedsilo.common.data import LabelMap
 from fedsilo.common.lora import LORA_MARK, add_lora
+
+log = logging.getLogger("fedsilo.model")
 
 
 class ModelError(ValueError):
@@ -48,9 +53,38 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def check_checkpoint(name: str) -> tuple[str, PretrainedConfig]:
+    """Return the path and config of ``--model`` if it can be a sequence classifier.
+
+    Raises
+    ------
+    ModelError
+        If a local folder is missing, its ``config.json`` is unreadable, or its model
+        type has no sequence-classification head; the message names the folder.
+    """
+    path = resolve_model_path(name)
+    if Path(path).is_absolute() or path.startswith((".", "~")):
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"--model {name!r}: no such folder; give a local folder with "
+                             "config.json, tokenizer and weights (or a checkpoint name)")
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"--model {name!r}: folder has no config.json; save the "
+                             "checkpoint there with save_pretrained()")
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(_load_hint(name, err)) from None
+    if type(hf_config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise ModelError(f"--model {name!r}: model type {hf_config.model_type!r} cannot "
+                         "classify text (transformers has no sequence-classification head "
+                         "for it); give a text encoder checkpoint such as BERT")
+    return path, hf_config
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Load the tokenizer that belongs to ``cfg.model``."""
-    path = resolve_model_path(cfg.model)
+    """Load the tokenizer that belongs to ``cfg.model`` (checking the checkpoint first)."""
+    path, _ = check_checkpoint(cfg.model)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -70,7 +104,13 @@ def load_model(cfg: ModelConfig, labels: LabelMap, seed: int) -> PreTrainedModel
         Seeds the initialisation of tensors the checkpoint lacks (e.g. a new head)
         so every process builds the same starting model.
     """
-    path = resolve_model_path(cfg.model)
+    path, saved = check_checkpoint(cfg.model)
+    heads = [a for a in saved.architectures or () if a.endswith("ForSequenceClassification")]
+    if heads and saved.num_labels != labels.num_labels:
+        log.warning("--model %s: its classification head has %d labels but the federation "
+                    "has %d; the head is replaced by a new one (initialised from seed %d) "
+                    "and its trained weights are not used", cfg.model, saved.num_labels,
+                    labels.num_labels, seed)
     try:
         hf_config = AutoConfig.from_pretrained(
             path,

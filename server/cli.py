@@ -14,10 +14,15 @@ the fedsilo run, shows its progress and writes the model and ``metrics.json``. I
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import subprocess
 import sys
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from fedsilo.common.config import ConfigError, FedsiloConfig, add_config_arguments
 from fedsilo.common.config import config_overrides as typed_overrides
@@ -70,17 +75,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pki_files(pki: Path) -> dict[str, Path]:
+    """The CA, server certificate and key under ``pki``, checked to be usable together.
+
+    Raises
+    ------
+    ConfigError
+        If a file is missing or unreadable, a certificate is not current, the server
+        certificate is not issued by the CA, or the key does not match it.
+    """
     files = {"ca": pki / "ca" / "ca.pem", "cert": pki / "server" / "server.pem",
              "key": pki / "server" / "server.key"}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise ConfigError(f"--pki {pki}: missing {', '.join(missing)}; run `flower-server "
                           f"provision --out {pki} --host HOST --institution NAME ...` first")
+    fix = (f"; run `flower-server provision --out {pki} --host HOST` again to renew the "
+           "server certificate")
+    ca, cert = _load_cert(files["ca"], fix), _load_cert(files["cert"], fix)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(f"--pki: server certificate {files['cert']} is not issued by the CA "
+                          f"{files['ca']}{fix}") from None
+    try:
+        key = serialization.load_pem_private_key(files["key"].read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"--pki: server key {files['key']} is not a readable PEM private "
+                          f"key ({err}){fix}") from None
+    if key.public_key() != cert.public_key():
+        raise ConfigError(f"--pki: server key {files['key']} does not match the server "
+                          f"certificate {files['cert']}{fix}")
     return files
 
 
+def _load_cert(path: Path, fix: str) -> x509.Certificate:
+    """Load a PEM certificate and refuse one outside its validity period."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--pki: {path} is not a readable PEM certificate ({err}){fix}") \
+            from None
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ConfigError(f"--pki: certificate {path} is valid only from "
+                          f"{cert.not_valid_before_utc:%Y-%m-%d} to "
+                          f"{cert.not_valid_after_utc:%Y-%m-%d} (now {now:%Y-%m-%d}){fix}")
+    return cert
+
+
 def resolve_config(args: argparse.Namespace) -> FedsiloConfig:
-    """The run's settings; the holdout split is a simulation-only notion."""
+    """The run's settings (after checking --pki); the holdout split is simulation-only."""
+    if not getattr(args, "insecure", True):  # refuse a bad --pki before anything starts
+        _pki_files(args.pki.expanduser().resolve())
     given = typed_overrides(args)
     flat = {"holdout-fraction": 0.0, "output-dir": "outputs/federation"} | given
     if given.get("resume"):  # the interrupted run's settings, unless a flag changes one

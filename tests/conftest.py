@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,12 @@ def train_round():
         return sent, client_app.train(msg, context)
 
     return run
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Capture fedsilo's log (its logger does not propagate to the root)."""
+    logger = logging.getLogger("fedsilo")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
