@@ -14,10 +14,12 @@ import io
 import json
 import logging
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -212,11 +214,19 @@ def _value(source: str, column: str, value: object, location: str) -> str:
     return text
 
 
+def _icd10_package() -> ModuleType:
+    """Import ``simple_icd_10_cm`` without its import-time DeprecationWarnings (noise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # its importlib.resources calls
+        import simple_icd_10_cm
+
+    return simple_icd_10_cm
+
+
 @functools.lru_cache(maxsize=1)
 def _icd10_rows() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Return the built-in ICD-10-CM descriptions and their chapter descriptions."""
-    import simple_icd_10_cm as cm
-
+    cm = _icd10_package()
     codes: dict[str, None] = {}
     for code in cm.get_all_codes(with_dots=False):
         if cm.is_leaf(code):
@@ -234,8 +244,7 @@ def _icd10_rows() -> tuple[tuple[str, ...], tuple[str, ...]]:
 @functools.lru_cache(maxsize=1)
 def icd10_label_names() -> list[str]:
     """Return the 22 ICD-10-CM chapter descriptions (the ``icd10`` labels) in chapter order."""
-    import simple_icd_10_cm as cm
-
+    cm = _icd10_package()
     return [cm.get_description(c) for c in cm.get_all_codes(with_dots=False)
             if cm.is_chapter(c)]
 
