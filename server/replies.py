@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 
 from fedsilo.common import journal
@@ -53,45 +62,123 @@ def _journal_reply(report: RunReport, server_round: int, reply: Message) -> None
                    epsilon=None if np.isinf(eps) else eps)
 
 
+@dataclass
+class _Round:
+    """One training round at the coordinator: what was sent and the running weighted sum."""
+
+    sent: dict[str, np.ndarray]
+    largest: float
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # float64 Σ weight × tensor
+    weight: float = 0.0
+    loss: float = 0.0  # Σ weight × train-loss
+    seen: set[str] = field(default_factory=set)  # message ids already absorbed
+    accepted: list[Message] = field(default_factory=list)  # when updates are not folded
+    seconds: float = 0.0
+
+    def fold(self, reply: Message, weight_key: str) -> None:
+        """Add ``reply``'s update to the weighted sum and drop its tensors."""
+        metrics = reply.content["metrics"]
+        weight = float(metrics[weight_key])
+        for key, value in zip(reply.content["arrays"].keys(),
+                              reply.content["arrays"].to_numpy_ndarrays(), strict=True):
+            if key in self.sums:
+                self.sums[key] += weight * value.astype(np.float64)
+            else:
+                self.sums[key] = weight * value.astype(np.float64)
+        self.weight += weight
+        self.loss += weight * float(metrics["train-loss"])
+        reply.content["arrays"] = ArrayRecord()
+
+    def mean(self, weight_key: str) -> Message:
+        """The folded updates as one reply: their weighted mean, weighted by the total."""
+        arrays = ArrayRecord({k: Array(np.asarray(v / self.weight, dtype=self.sent[k].dtype))
+                              for k, v in self.sums.items()})
+        metrics = MetricRecord({weight_key: self.weight, "train-loss": self.loss / self.weight})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0,
+                       message_type=MessageType.TRAIN)
+
+
 class ReportingMixin:
-    """Mixin for a Message-API strategy: report replies, decode updates, then aggregate."""
+    """Mixin for a Message-API strategy: report replies, decode updates, then aggregate.
+
+    With ``fold_updates`` (FedAvg, FedAdam) each accepted update is added to a running
+    weighted sum as soon as it arrives (``absorb``, called by ``server.waiting`` per
+    reply) and its tensors are dropped, so the coordinator holds one sum, not one
+    update per institution. Without it (client-level DP clips each update first) the
+    accepted replies are kept and handed to the wrapped strategy.
+    """
+
+    fold_updates = False
 
     def __init__(self, *, report: RunReport, train: TrainConfig, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.report, self.train = report, train
         self._sent = ArrayRecord()
+        self._round_number = 0
+        self._state: _Round | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Remember the global tensors this round starts from, and journal them."""
-        self._sent = arrays
+        self._sent, self._round_number, self._state = arrays, server_round, None
         journal.append(self.report.journal, "sent", round=server_round,
                        global_model=journal.digest(_named(arrays)))
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
-        ArrayRecord | None, MetricRecord | None
-    ]:
-        """Report every reply (sizes as received), reject invalid ones, aggregate in float32."""
-        replies = list(replies)
-        self.report.record_train(server_round, replies)
-        for reply in replies:
-            _journal_reply(self.report, server_round, reply)
+    def _current(self) -> _Round:
+        if self._state is None:
+            sent = _named(self._sent)
+            largest = max((float(np.abs(v).max()) for v in sent.values() if v.size),
+                          default=0.0)
+            self._state = _Round(sent, largest)
+        return self._state
+
+    def absorb(self, reply: Message) -> Message:
+        """Report, journal, decode and check one training reply of the current round.
+
+        An accepted update is folded into the round's sum (``fold_updates``) or kept;
+        a rejected one is reported with its reason. Returns the reply (without its
+        tensors once folded).
+        """
+        state, server_round = self._current(), self._round_number
         started = time.perf_counter()
-        sent = dict(zip(self._sent.keys(), self._sent.to_numpy_ndarrays(), strict=True))
-        largest = max((float(np.abs(v).max()) for v in sent.values() if v.size), default=0.0)
-        accepted = []
-        for reply in (decode_update(r, self._sent) for r in replies):
-            reason = None if reply.has_error() else self._invalid(reply, sent, largest)
-            if reason is None:
-                accepted.append(reply)
-            else:
+        state.seen.add(reply.metadata.message_id)
+        self.report.record_train(server_round, [reply])
+        _journal_reply(self.report, server_round, reply)
+        if not reply.has_error():
+            reply = decode_update(reply, self._sent)
+            reason = self._invalid(reply, state.sent, state.largest)
+            if reason is not None:
                 self.report.reject(server_round, institution_name(reply), reason)
                 journal.append(self.report.journal, "rejected", round=server_round,
                                institution=institution_name(reply), reason=reason)
-        result = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
-        self.report.record_aggregation(server_round, time.perf_counter() - started)
-        return result
+            elif self.fold_updates:
+                state.fold(reply, self.weighted_by_key)  # type: ignore[attr-defined]
+            else:
+                state.accepted.append(reply)
+        state.seconds += time.perf_counter() - started
+        return reply
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
+        ArrayRecord | None, MetricRecord | None
+    ]:
+        """Absorb replies not seen yet, then aggregate the accepted updates in float32."""
+        state = self._current()
+        for reply in replies:
+            if reply.metadata.message_id not in state.seen or not reply.metadata.message_id:
+                self.absorb(reply)
+        started = time.perf_counter()
+        accepted = state.accepted
+        if self.fold_updates and state.weight > 0:
+            accepted = [state.mean(self.weighted_by_key)]  # type: ignore[attr-defined]
+        arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        if arrays is not None:  # keep the model's dtypes (FedAdam's step returns float64)
+            arrays = ArrayRecord({k: Array(np.asarray(v, dtype=state.sent[k].dtype))
+                                  for k, v in _named(arrays).items()})
+        self.report.record_aggregation(server_round,
+                                       state.seconds + time.perf_counter() - started)
+        self._state = None
+        return arrays, metrics
 
     def _invalid(self, reply: Message, sent: dict[str, np.ndarray], largest: float
                  ) -> str | None:

@@ -138,7 +138,8 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
                                                    m.message_type, m.reason),
         on_late=lambda m, now: report.record_late(m.server_round, m.node_id,
                                                   m.message_type, now, m.reason),
-        on_progress=report.progress)
+        on_progress=report.progress,
+        on_train_reply=getattr(strategy, "absorb", None))  # fold each update on arrival
     log.info("%d institution(s) connected", patient.wait_until_joined())
     # From now on a round needs only min-train of them.
     patient.minimum, patient.flag = fed.min_train, "--min-train"

@@ -23,9 +23,13 @@ def _mean_train_loss(records: list[RecordDict], weight_key: str) -> MetricRecord
 class ReportingFedAvg(ReportingMixin, FedAvg):
     """FedAvg weighted by examples, reporting each institution."""
 
+    fold_updates = True
+
 
 class ReportingFedAdam(ReportingMixin, FedAdam):
     """FedAdam (server-side Adam on the averaged update), reporting each institution."""
+
+    fold_updates = True
 
 
 def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,14 @@ class PatientGrid:
                  on_missing: Callable[[Missing], None] | None = None,
                  on_late: Callable[[Missing, int], None] | None = None,
                  on_progress: Callable[[int, str, int, int], None] | None = None,
+                 on_train_reply: Callable[[Message], Message] | None = None,
                  poll_seconds: float = 1.0) -> None:
         self._grid, self.minimum, self.timeout = grid, minimum, timeout
         self.min_replies, self.straggler_timeout = min_replies, straggler_timeout
         self._on_missing = on_missing or (lambda m: None)
         self._on_late = on_late or (lambda m, r: None)
         self._on_progress = on_progress or (lambda r, t, n, m: None)
+        self._on_train_reply = on_train_reply or (lambda m: m)
         self.poll_seconds = poll_seconds
         self._short_since: float | None = None
         self.flag = "--min-available"  # the setting ``minimum`` comes from
@@ -106,7 +108,8 @@ class PatientGrid:
 
         Replies the SuperLink generates for a node that stopped sending heartbeats are
         reported as dropped and not returned; replies still missing at the end are
-        reported and pulled again with every later call (late replies).
+        reported and pulled again with every later call (late replies). Each training
+        reply goes through ``on_train_reply`` as it arrives (the strategy folds it in).
         """
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
@@ -133,6 +136,8 @@ class PatientGrid:
                 if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:
                     self._on_missing(Missing(sent.node_id, sent.server_round,
                                              sent.message_type, reply.error.reason))
+                elif sent.message_type == MessageType.TRAIN:
+                    replies.append(self._on_train_reply(reply))  # e.g. fold it in now
                 else:
                     replies.append(reply)
             now = time.monotonic()

@@ -138,3 +138,16 @@ def test_resume_errors_name_the_flag_and_the_differing_settings(tmp_path: Path):
     checkpoint.check_settings(ckpt, {"num-rounds": 3, "resume": True}, tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match=r"num-rounds \(checkpoint 3, now 5\)"):
         checkpoint.check_settings(ckpt, {"num-rounds": 5, "resume": True}, tmp_path)
+
+
+def test_each_train_reply_is_handed_on_as_it_arrives_late_and_evaluate_ones_are_not():
+    seen = []
+    grid, _, late = _grid({11: 0, 12: 0, 13: 0.6}, min_replies=2, straggler_timeout=0.2,
+                          on_train_reply=lambda m: seen.append(m.metadata.src_node_id) or m)
+    grid.send_and_receive(_messages([11, 12, 13], 1), timeout=30)
+    assert sorted(seen) == [11, 12]  # 13 was too late for round 1
+    time.sleep(0.6)
+    evaluate = [Message(RecordDict({"config": ConfigRecord({"server-round": 2})}),
+                        dst_node_id=n, message_type="evaluate") for n in (11, 12)]
+    assert len(list(grid.send_and_receive(evaluate, timeout=30))) == 2
+    assert sorted(seen) == [11, 12] and [m.node_id for m, _ in late] == [13]
