@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ from fedsilo.client.dashboard import render
 from fedsilo.client.ledger import Ledger, LedgerError
 from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.agreement import AgreementError
+from fedsilo.common.certs import outside_validity
 from fedsilo.common.config import (
     DEFAULT_MODEL,
     ConfigError,
@@ -190,13 +190,10 @@ def _check_ca(cert_path: Path) -> None:
     except (OSError, ValueError) as err:
         raise ClientSetupError(f"root-certificates {cert_path}: not a readable PEM "
                                f"certificate ({err}); use the ca.pem from the kit") from None
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        start, end = (f"{t:%Y-%m-%d %H:%M} UTC" for t in (cert.not_valid_before_utc,
-                                                            cert.not_valid_after_utc))
-        raise ClientSetupError(
-            f"root-certificates {cert_path}: the CA certificate is valid only from {start} to "
-            f"{end}; ask the coordinator for a current kit (and check this host's clock)")
+    if (when := outside_validity(cert)) is not None:
+        raise ClientSetupError(f"root-certificates {cert_path}: the CA certificate is {when}; "
+                               "ask the coordinator for a current kit (and check this host's "
+                               "clock)")
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:

@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedsilo.common.certs import outside_validity
 from fedsilo.common.config import FedsiloConfig
 
 SCHEMA = "fedsilo.agreement/1"
@@ -101,10 +102,8 @@ def verify(doc: Mapping[str, Any], ca: x509.Certificate, source: str) -> dict[st
     except (ValueError, TypeError, InvalidSignature):
         raise AgreementError(f"{source}: its certificate is not issued by the federation CA "
                              "in your kit (root-certificates); do not approve it") from None
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise AgreementError(f"{source}: its certificate is not valid now "
-                             f"({cert.not_valid_before_utc} – {cert.not_valid_after_utc})")
+    if (when := outside_validity(cert)) is not None:
+        raise AgreementError(f"{source}: its certificate is not valid now ({when})")
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise AgreementError(f"{source}: unsupported key type {type(public).__name__}")

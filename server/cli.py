@@ -14,7 +14,6 @@ the fedsilo run, shows its progress and writes the model and ``metrics.json``. I
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from fedsilo.common.certs import outside_validity
 from fedsilo.common.config import ConfigError, FedsiloConfig, add_config_arguments
 from fedsilo.common.config import config_overrides as typed_overrides
 from fedsilo.common.data import DataError
@@ -115,11 +115,8 @@ def _load_cert(path: Path, fix: str) -> x509.Certificate:
     except (OSError, ValueError) as err:
         raise ConfigError(f"--pki: {path} is not a readable PEM certificate ({err}){fix}") \
             from None
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise ConfigError(f"--pki: certificate {path} is valid only from "
-                          f"{cert.not_valid_before_utc:%Y-%m-%d} to "
-                          f"{cert.not_valid_after_utc:%Y-%m-%d} (now {now:%Y-%m-%d}){fix}")
+    if (when := outside_validity(cert)) is not None:
+        raise ConfigError(f"--pki: certificate {path} is {when}{fix}")
     return cert
 
 

@@ -91,8 +91,7 @@ class _Round:
 
     def mean(self, weight_key: str) -> Message:
         """The folded updates as one reply: their weighted mean, weighted by the total."""
-        arrays = ArrayRecord({k: Array(np.asarray(v / self.weight, dtype=self.sent[k].dtype))
-                              for k, v in self.sums.items()})
+        arrays = ArrayRecord({k: Array(v / self.weight) for k, v in self.sums.items()})
         metrics = MetricRecord({weight_key: self.weight, "train-loss": self.loss / self.weight})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0,
                        message_type=MessageType.TRAIN)
