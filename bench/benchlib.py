@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedsilo.common.data import TextRecords
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,3 +62,13 @@ def markdown(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_csv(path: Path, *parts: TextRecords) -> int:
+    """Write the records of ``parts`` to ``path`` as a text,label CSV; return the row count."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for part in parts:
+            writer.writerows(zip(part.texts, part.labels, strict=True))
+    return sum(len(part) for part in parts)

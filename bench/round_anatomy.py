@@ -21,7 +21,6 @@ everything but training.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import logging
@@ -32,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import markdown, write
+from benchlib import markdown, write, write_csv
 
 from fedsilo.common.config import DataConfig
-from fedsilo.common.data import TextRecords
 from fedsilo.common.datasets import split_holdout, take
 from fedsilo.common.partition import partition_dirichlet
 from fedsilo.common.processes import BIN, child_env, free_port, stop_group
@@ -51,14 +49,6 @@ SEED = 42  # the demo's --seed
 DEMO_INSTITUTIONS = 3  # the demo splits ICD-10 three ways; these are its first two shares
 
 
-def _write_csv(path: Path, records: TextRecords) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(records.texts, records.labels, strict=True))
-    return path
-
-
 def _datasets(root: Path) -> tuple[dict[str, Path], Path]:
     """The demo's institutions 0 and 1 (whole shares) and its holdout, as CSV files."""
     cfg = DataConfig()  # the demo's data settings: ICD-10, Dirichlet α = 0.5, 5 % holdout
@@ -66,9 +56,11 @@ def _datasets(root: Path) -> tuple[dict[str, Path], Path]:
     assert holdout is not None
     labels = np.unique(np.asarray(pool.labels), return_inverse=True)[1]
     parts = partition_dirichlet(labels, DEMO_INSTITUTIONS, cfg.dirichlet_alpha, SEED)
-    paths = {name: _write_csv(root / f"{name}.csv", take(pool, parts[j]))
-             for j, name in enumerate(NAMES)}
-    return paths, _write_csv(root / "holdout.csv", holdout)
+    paths = {name: root / f"{name}.csv" for name in NAMES}
+    for j, name in enumerate(NAMES):
+        write_csv(paths[name], take(pool, parts[j]))
+    write_csv(root / "holdout.csv", holdout)
+    return paths, root / "holdout.csv"
 
 
 def run_deployment(root: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Timeline]:

@@ -19,7 +19,6 @@ handful of the pooled records (the count is in the JSON).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import logging
@@ -30,10 +29,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchlib import RESULTS, markdown, write
+from benchlib import RESULTS, markdown, write, write_csv
 
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.data import TextRecords
 from fedsilo.common.datasets import simulated_institution, split_holdout
 
 SCRIPT = Path(__file__).resolve().parents[1] / "simulations" / "run_simulation.py"
@@ -52,18 +50,6 @@ def _simulation() -> ModuleType:
     return module
 
 
-def _write_csv(path: Path, parts: list[TextRecords]) -> int:
-    """Write the records of ``parts`` as a text,label CSV; return the row count."""
-    rows = 0
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for part in parts:
-            writer.writerows(zip(part.texts, part.labels, strict=True))
-            rows += len(part)
-    return rows
-
-
 def pooled_data(cfg: FedsiloConfig, out: Path) -> tuple[list[str], dict[str, Any]]:
     """Write the federated runs' training records and holdout; return centralized flags."""
     out.mkdir(parents=True, exist_ok=True)
@@ -74,8 +60,8 @@ def pooled_data(cfg: FedsiloConfig, out: Path) -> tuple[list[str], dict[str, Any
         raise SystemExit("the federated runs have no holdout (--holdout-fraction 0)")
     pooled, held = out / "pooled-train.csv", out / "holdout.csv"
     facts = {"institution_train_examples": [len(s) for s in shares],
-             "pooled_examples": _write_csv(pooled, shares),
-             "holdout_examples": _write_csv(held, [holdout])}
+             "pooled_examples": write_csv(pooled, *shares),
+             "holdout_examples": write_csv(held, holdout)}
     flags = ["--no-dp", "--institutions", "1", "--data", str(pooled), "--partition", "iid",
              "--max-examples", "0", "--test-fraction", "0.001", "--holdout-fraction", "0",
              "--eval-data", str(held), "--labels", json.dumps(list(cfg.data.labels))]
