@@ -33,7 +33,7 @@ from fedsilo.client.messages import (
 )
 from fedsilo.client.policy import LEDGER_KEY, NAME_KEY, Policy, institution_config
 from fedsilo.client.train import TrainResult, train_plain, train_private
-from fedsilo.common import journal
+from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
 from fedsilo.common.logs import configure_logging
@@ -82,6 +82,7 @@ class _Task:
     train_set: TensorDataset
     test_set: TensorDataset
     model: PreTrainedModel
+    net: torch.nn.Module  # what trains and evaluates: the model, or its head on features
     device: torch.device
     received: dict[str, np.ndarray]
     timings: dict[str, float]
@@ -110,9 +111,11 @@ def _setup(request: Request, context: Context) -> _Task:
     received = name_arrays(request, trainable_names(model))
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
     device = resolve_device(cfg.model.device)
-    timings = {"seconds-data": prepared - started,
-               "seconds-model": time.perf_counter() - prepared}
-    return _Task(cfg, policy, data, fingerprint, train_set, test_set, model.to(device), device,
+    loaded = time.perf_counter()
+    net, (train_in, test_in) = features.prepare(model, [train_set, test_set], device, cache)
+    timings = {"seconds-data": prepared - started, "seconds-model": loaded - prepared,
+               "seconds-features": time.perf_counter() - loaded}
+    return _Task(cfg, policy, data, fingerprint, train_in, test_in, model, net, device,
                  received, timings, int(request.config.get(RUN_KEY, context.run_id)))
 
 
@@ -170,7 +173,7 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
         prior=tuple(ledger.history(exclude_run=run)),
     )
     privacy.check_budget(ledger.restore(), dp_plan)  # before any training step
-    result = train_private(task.model, task.train_set, cfg, dp_plan, ledger.restore(),
+    result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
                            task.device)
     released = _release(task, request, context)
     epsilon = ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
@@ -191,7 +194,7 @@ def _train_without_record_dp(task: _Task, request: Request, context: Context) ->
     if not task.cfg.privacy.dp:
         log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee",
                     task.data.name)
-    result = train_plain(task.model, task.train_set, task.cfg, task.device)
+    result = train_plain(task.net, task.train_set, task.cfg, task.device)
     metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0, "sample-rate": 0.0}
     return result, metrics, _release(task, request, context)
 
@@ -266,7 +269,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         log.warning("%s: %s", _name(context), err)
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
-    res = evaluate(task.model, task.test_set, task.device)
+    res = evaluate(task.net, task.test_set, task.device)
     metrics = {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
                "macro-f1": res.macro_f1, **_uniform_weight(task.cfg)}
     _journal(task, context, request, "evaluate", num_examples=res.num_examples,

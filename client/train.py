@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsilo.client.privacy import DPPlan
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.model import forward_logits
+from fedsilo.common.features import logits
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,10 @@ def _run_epochs(
 ) -> TrainResult:
     total, count, steps = 0.0, 0, 0
     for _ in range(epochs):
-        for input_ids, mask, y in loader:
+        for *inputs, y in loader:
             optimizer.zero_grad(set_to_none=True)
             # An empty Poisson batch still takes a (pure-noise) step, as Opacus accounts.
-            logits = forward_logits(model, input_ids.to(device), mask.to(device))
-            loss = criterion(logits, y.to(device))
+            loss = criterion(logits(model, *(x.to(device) for x in inputs)), y.to(device))
             loss.backward()
             optimizer.step()
             if len(y):
@@ -63,7 +62,8 @@ def train_private(
 ) -> TrainResult:
     """Run the round's local epochs of DP-SGD; ``accountant`` records the steps.
 
-    ``model`` must be the unwrapped classifier; it is trained in place. The global
+    ``model`` must be the unwrapped classifier (or its :class:`~fedsilo.common.features.Head`
+    with a feature dataset); it is trained in place. The global
     RNG is reseeded from the OS first so that the noise and the Poisson sampling are
     not predictable from the run's (shared) seed.
     """

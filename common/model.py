@@ -237,10 +237,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_module", model)
 
 
-def forward_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Run the classifier with explicit token types and contiguous position ids.
+def encoder_kwargs(model: nn.Module, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Explicit token types and contiguous position ids for one batch.
 
     Opacus needs ``token_type_ids`` and ``position_ids`` passed in; ghost clipping
     needs ``position_ids`` materialised (``repeat``, not ``expand``).
@@ -259,4 +258,12 @@ def forward_logits(
             kwargs["position_ids"] = torch.arange(length, device=input_ids.device).repeat(
                 batch, 1
             )
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    return kwargs
+
+
+def forward_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Run the classifier with :func:`encoder_kwargs` (what Opacus needs)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 **encoder_kwargs(model, input_ids, attention_mask)).logits

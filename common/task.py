@@ -13,8 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.data import LabelMap, TextRecords, icd10_label_names, load_records
+from fedsilo.common.features import logits
 from fedsilo.common.metrics import accuracy, macro_f1
-from fedsilo.common.model import forward_logits
 
 
 def federation_labels(cfg: FedsiloConfig) -> LabelMap:
@@ -78,11 +78,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     total_loss, preds, golds = 0.0, [], []
-    for input_ids, mask, y in DataLoader(dataset, batch_size=batch_size):
-        logits = forward_logits(model, input_ids.to(device), mask.to(device))
+    for *inputs, y in DataLoader(dataset, batch_size=batch_size):
+        with torch.inference_mode():
+            out = logits(model, *(x.to(device) for x in inputs))
         y = y.to(device)
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        preds.append(logits.argmax(-1).cpu().numpy())
+        total_loss += float(F.cross_entropy(out, y, reduction="sum"))
+        preds.append(out.argmax(-1).cpu().numpy())
         golds.append(y.cpu().numpy())
     model.train(was_training)
     y_true, y_pred = np.concatenate(golds), np.concatenate(preds)

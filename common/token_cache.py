@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import pickle
-import tempfile
 from pathlib import Path
 
-import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedsilo.common.data import LabelMap, TextRecords
 from fedsilo.common.task import encode
-
-log = logging.getLogger(__name__)
+from fedsilo.common.tensor_files import load_tensors, save_tensors
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -60,19 +54,9 @@ def encode_cached(folder: Path | None, tokenizer: PreTrainedTokenizerBase,
     if folder is None:
         return encode(tokenizer, records, labels, max_length)
     path = folder / f"{cache_key(records, labels, tokenizer, max_length)[:40]}.pt"
-    if path.is_file():
-        try:
-            return TensorDataset(*torch.load(path, weights_only=True))
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-            log.warning("tokenisation cache %s is unreadable (%s); tokenising again", path, err)
+    cached = load_tensors(path, "tokenisation cache")
+    if cached is not None:
+        return TensorDataset(*cached)
     dataset = encode(tokenizer, records, labels, max_length)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tokens-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(list(dataset.tensors), f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_tensors(path, list(dataset.tensors))
     return dataset

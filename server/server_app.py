@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsilo.common import features
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.data import TextRecords, load_records
 from fedsilo.common.datasets import split_holdout
@@ -59,17 +60,19 @@ def main(grid: Grid, context: Context) -> None:
     report = RunReport(out, list(labels.names), cfg.to_flat(), cfg.federation.num_rounds)
 
     holdout = _holdout(cfg)
-    eval_set = None
+    eval_set, net = None, model
     if holdout is not None:
-        eval_set = encode(tokenizer, holdout, labels, cfg.model.max_length)
-        report.doc["holdout_majority_rate"] = majority_rate(eval_set.tensors[2].numpy())
+        tokens = encode(tokenizer, holdout, labels, cfg.model.max_length)
+        report.doc["holdout_majority_rate"] = majority_rate(tokens.tensors[2].numpy())
+        # The frozen encoder runs over the holdout once, not every round (head-only runs).
+        net, (eval_set,) = features.prepare(model, [tokens], device, None)
 
     def centralized(server_round: int, arrays: dict[str, np.ndarray]) -> EvalResult | None:
         if eval_set is None:
             return None
         set_trainable_state(model, {k: torch.from_numpy(np.asarray(v))
                                     for k, v in arrays.items()})
-        return evaluate(model.to(device), eval_set, device)
+        return evaluate(net, eval_set, device)
 
     log.info("fedsilo run: %d rounds, %d labels, trainable=%s, DP %s, output %s",
              cfg.federation.num_rounds, labels.num_labels, cfg.model.trainable,

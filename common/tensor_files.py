@@ -1,0 +1,37 @@
+"""Atomic save and tolerant load of the tensor lists that fedsilo's caches keep on disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_tensors(path: Path, what: str) -> list[torch.Tensor] | None:
+    """The tensors saved at ``path``, or None when it is missing or unreadable (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        return list(torch.load(path, weights_only=True))
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        log.warning("%s %s is unreadable (%s); computing it again", what, path, err)
+        return None
+
+
+def save_tensors(path: Path, tensors: list[torch.Tensor]) -> None:
+    """Write ``tensors`` to ``path`` atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(tensors, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
