@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
 )
 
+from fedsilo.client import worker
 from fedsilo.client.agreements import approve
 from fedsilo.client.dashboard import render
 from fedsilo.client.ledger import Ledger, LedgerError
@@ -227,10 +228,13 @@ def check_tls(superlink: str, ca_file: str, timeout: float = 10.0) -> None:
                     superlink, err)
 
 
-def supernode_command(settings: dict[str, Any], runtime_port: int) -> list[str]:
+def supernode_command(settings: dict[str, Any], runtime_port: int,
+                      worker_socket: Path | None = None) -> list[str]:
     """The ``flower-supernode`` command line for these settings."""
     keys = (NAME_KEY, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY)
     node = {k: settings[k] for k in keys if k in settings}
+    if worker_socket is not None:
+        node[worker.SOCKET_KEY] = str(worker_socket)
     cmd = [str(BIN / "flower-supernode"), "--superlink", str(settings["superlink"]),
            "--node-config", config_args(node),
            "--port", str(runtime_port)]
@@ -266,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="only run the local checks")
     parser.add_argument("--ledger", action="store_true",
                         help="print the privacy spent per dataset (ε spent / budget) and exit")
+    parser.add_argument("--no-warm-worker", action="store_true",
+                        help="run every message in its own ClientApp process (Flower's "
+                        "default) instead of one long-lived worker")
     for key in ALL_KEYS:
         kind = int if key == "runtime-port" else float if key in POLICY_KEYS[:3] else None
         if key in ("insecure", "allow-no-dp"):
@@ -340,9 +347,19 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s: local checks passed", settings[NAME_KEY])
     if args.check:
         return 0
-    cmd = supernode_command(settings, int(settings.get("runtime-port") or free_port()))
-    log.info("joining the federation at %s", settings["superlink"])
     terminate_on_sigterm()
+    helper, sock = (None, None) if args.no_warm_worker else worker.start(child_env())
+    try:
+        return _run_supernode(settings, sock)
+    finally:
+        if helper is not None and sock is not None:
+            worker.stop(helper, sock)
+
+
+def _run_supernode(settings: dict[str, Any], sock: Path | None) -> int:
+    """Run the SuperNode until it exits or is stopped; return its exit code."""
+    cmd = supernode_command(settings, int(settings.get("runtime-port") or free_port()), sock)
+    log.info("joining the federation at %s", settings["superlink"])
     proc = subprocess.Popen(cmd, env=child_env(), start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, errors="replace")
     seen: list[str] = []

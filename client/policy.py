@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsilo.client.privacy import DeclinedError, default_delta
+from fedsilo.client.worker import SOCKET_KEY
 from fedsilo.common.config import ConfigError, FedsiloConfig
 
 #: Node-config keys that name the institution's data; they replace the run's values.
@@ -66,7 +67,8 @@ def institution_config(
     ConfigError
         If a node-config value is invalid.
     """
-    unknown = set(node) - set(DATA_KEYS) - set(POLICY_KEYS) - {NAME_KEY, LEDGER_KEY}
+    unknown = (set(node) - set(DATA_KEYS) - set(POLICY_KEYS)
+               - {NAME_KEY, LEDGER_KEY, SOCKET_KEY})  # the last is set by flower-client
     if unknown:
         raise ConfigError(f"node config: unknown setting(s) {sorted(unknown)}")
     if NAME_KEY not in node or "data" not in node:

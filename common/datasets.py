@@ -39,6 +39,11 @@ def take(records: TextRecords, idx: np.ndarray) -> TextRecords:
 
 @functools.lru_cache(maxsize=4)
 def _load(cfg: DataConfig) -> TextRecords:
+    """The simulation's source, read once per process (it does not change during a run)."""
+    return _read(cfg)
+
+
+def _read(cfg: DataConfig) -> TextRecords:
     extra = (cfg.partition_column,) if cfg.partition == "column" else ()
     return load_records(cfg.data, cfg.text_column, cfg.label_column, extra)
 
@@ -76,8 +81,11 @@ def simulated_institution(
 
 
 def local_institution(cfg: DataConfig, name: str, seed: int) -> InstitutionData:
-    """Return an institution's own data file, split into train and held-out parts."""
-    return _split_local(_load(cfg), name, cfg, seed)
+    """Return an institution's own data file, split into train and held-out parts.
+
+    The file is read every time (not cached): it may change between messages.
+    """
+    return _split_local(_read(cfg), name, cfg, seed)
 
 
 def _split_local(records: TextRecords, name: str, cfg: DataConfig, seed: int) -> InstitutionData:

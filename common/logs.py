@@ -19,9 +19,10 @@ def configure_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(level)
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:  # not imported by the light ClientApp process
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     # Opacus warns on every make_private about options fedsilo sets on purpose.
     warnings.filterwarnings("ignore", module=r"opacus\..*")

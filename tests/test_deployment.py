@@ -155,3 +155,6 @@ def test_two_institutions_complete_a_private_federation(federation):
                         device="cpu")
     assert classify("Acute appendicitis")[0]["label"] in metrics["labels"]
     assert "round 2/2" in log
+    for name in ("hospital-a", "hospital-b"):  # every message ran in the warm worker
+        client_log = (root / f"{name}.log").read_text()
+        assert "warm worker ready" in client_log and "in this process" not in client_log

@@ -1,0 +1,302 @@
+"""One institution's work for each ClientApp message: DP-SGD training and local evaluation.
+
+:mod:`fedsilo.client.client_app` calls these in its own process, or forwards the
+message to the institution's warm worker (:mod:`fedsilo.client.worker`), which calls
+them there.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Error, Message
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedModel
+
+from fedsilo.client import privacy, replay
+from fedsilo.client.agreements import check_run
+from fedsilo.client.ledger import Ledger, dataset_fingerprint, keep_update
+from fedsilo.client.messages import (
+    Request,
+    SecAggRangeError,
+    check_secagg_range,
+    evaluate_reply,
+    name_arrays,
+    read_request,
+    released_arrays,
+    train_reply,
+)
+from fedsilo.client.policy import LEDGER_KEY, NAME_KEY, Policy, institution_config
+from fedsilo.client.train import TrainResult, train_plain, train_private
+from fedsilo.common import features, journal
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
+from fedsilo.common.logs import configure_logging
+from fedsilo.common.model import (
+    get_trainable_state,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    set_trainable_state,
+    trainable_names,
+)
+from fedsilo.common.task import evaluate, federation_labels
+from fedsilo.common.token_cache import encode_cached
+from fedsilo.common.wire import DECLINED_CODE, RUN_KEY, SECAGG_RANGE_CODE, UNIFORM_WEIGHT_KEY
+
+log = logging.getLogger(__name__)
+
+
+def _stamp(data: str) -> tuple[int, int] | None:
+    """Modification time and size of a data file (None for the built-in dataset)."""
+    try:
+        stat = Path(data).expanduser().stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared(
+    cfg: FedsiloConfig, partition: tuple[int, int] | None, name: str, cache: Path,
+    stamp: tuple[int, int] | None,
+) -> tuple[InstitutionData, TensorDataset, TensorDataset, str]:
+    """Load, tokenise (through the on-disk cache) and fingerprint the data once per process.
+
+    ``stamp`` (:func:`_stamp`) is part of the key: a long-lived process (the warm
+    worker) reloads a data file that changed between messages.
+    """
+    if partition is not None:
+        data = simulated_institution(cfg.data, cfg.train.seed, *partition)
+    else:
+        data = local_institution(cfg.data, name, cfg.train.seed)
+    labels = federation_labels(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    train_set = encode_cached(cache, tokenizer, data.train, labels, cfg.model.max_length)
+    test_set = encode_cached(cache, tokenizer, data.test, labels, cfg.model.max_length)
+    return data, train_set, test_set, dataset_fingerprint(data.train.texts, data.train.labels)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Everything one train/evaluate message works with."""
+
+    cfg: FedsiloConfig
+    policy: Policy
+    data: InstitutionData
+    fingerprint: str
+    train_set: TensorDataset
+    test_set: TensorDataset
+    model: PreTrainedModel
+    net: torch.nn.Module  # what trains and evaluates: the model, or its head on features
+    device: torch.device
+    received: dict[str, np.ndarray]
+    timings: dict[str, float]
+    run: int  # the run's key: its first Flower run id, the same after a --resume
+
+
+def _setup(request: Request, context: Context) -> _Task:
+    """Resolve settings, load this institution's data and the received global model."""
+    configure_logging()
+    cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
+    node = context.node_config
+    if "partition-id" in node:  # a virtual institution of a simulation
+        partition = (int(node["partition-id"]), int(node["num-partitions"]))
+        name, policy = "", Policy()
+    else:  # a real institution: its node config holds its data and privacy policy
+        if node.get(LEDGER_KEY):  # approved agreements live beside the ledger
+            check_run(cfg, Path(str(node[LEDGER_KEY])))  # before any data is read
+        cfg, policy = institution_config(cfg, node)
+        partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
+    # The institution's own folder (beside its ledger), or the simulation's output.
+    cache = Path(policy.ledger_dir or cfg.federation.output_dir) / "token-cache"
+    started = time.perf_counter()
+    data, train_set, test_set, fingerprint = _prepared(cfg, partition, name, cache,
+                                                       _stamp(cfg.data.data))
+    prepared = time.perf_counter()
+    model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
+    received = name_arrays(request, trainable_names(model))
+    set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
+    device = resolve_device(cfg.model.device)
+    loaded = time.perf_counter()
+    net, (train_in, test_in) = features.prepare(model, [train_set, test_set], device, cache)
+    timings = {"seconds-data": prepared - started, "seconds-model": loaded - prepared,
+               "seconds-features": time.perf_counter() - loaded}
+    return _Task(cfg, policy, data, fingerprint, train_in, test_in, model, net, device,
+                 received, timings, int(request.config.get(RUN_KEY, context.run_id)))
+
+
+def _ledger_dir(task: _Task) -> Path:
+    """Where the dataset's ledger lives.
+
+    A deployed institution keeps it in its own folder; a virtual institution of a
+    simulation keeps one per run in the output folder.
+    """
+    return Path(task.policy.ledger_dir) if task.policy.ledger_dir else (
+        Path(task.cfg.federation.output_dir) / "ledgers" / f"run-{task.run}" / task.data.name)
+
+
+def _release(task: _Task, request: Request, context: Context) -> dict[str, np.ndarray]:
+    """The arrays this round releases: clipped (client-level DP), range-checked (SecAgg+)."""
+    state = {k: v.numpy() for k, v in get_trainable_state(task.model).items()}
+    if KEY_CLIPPING_NORM in request.config:  # client-level DP, clipped here
+        trained = list(state.values())
+        compute_clip_model_update(trained, [task.received[k] for k in state],
+                                  float(request.config[KEY_CLIPPING_NORM]))
+        state = dict(zip(state, trained, strict=True))
+        log.info("%s: update clipped to L2 norm ≤ %s (client-level DP)", task.data.name,
+                 request.config[KEY_CLIPPING_NORM])
+    released = released_arrays(request, state, task.received, task.cfg.federation.update_dtype)
+    if request.legacy:
+        check_secagg_range(context, list(released.values()), len(task.train_set))
+    return released
+
+
+def _train_private(task: _Task, request: Request, context: Context) -> tuple[
+    TrainResult, dict[str, float], dict[str, np.ndarray]
+]:
+    """Check the budget, train with DP-SGD, and record the spend before anything leaves."""
+    cfg, n = task.cfg, len(task.train_set)
+    run, server_round = task.run, int(request.config["server-round"])
+    ledger = Ledger.open(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant)
+    received = journal.digest(task.received)["sha256"]
+    if ledger.has(run, server_round):
+        kept = replay.load(_ledger_dir(task), task.fingerprint, run, server_round, received)
+        if kept is None:
+            raise privacy.DeclinedError(
+                f"declined: round {server_round} of run {run} was already trained and its "
+                "update is not kept for this global model; an update is never released twice")
+        log.info("%s: round %d of run %d was already trained and released; sending the same "
+                 "update again (no new privacy spend)", task.data.name, server_round, run)
+        m = kept.metrics
+        return (TrainResult(float(m["train-loss"]), int(m["steps"])),
+                {k: float(m[k]) for k in ("epsilon", "delta", "noise-multiplier",
+                                          "sample-rate")}, kept.arrays)
+    delta = task.policy.delta(cfg.privacy.target_delta, n)
+    dp_plan = privacy.plan(
+        num_examples=n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
+        num_rounds=cfg.federation.num_rounds, target_epsilon=cfg.privacy.target_epsilon,
+        delta=delta, accountant=cfg.privacy.accountant,
+        prior=tuple(ledger.history(exclude_run=run)),
+    )
+    privacy.check_budget(ledger.restore(), dp_plan)  # before any training step
+    result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
+                           task.device)
+    released = _release(task, request, context)
+    epsilon = ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
+                            dp_plan.noise_multiplier, delta)
+    dp_metrics = {"epsilon": epsilon, "delta": delta,
+                  "noise-multiplier": dp_plan.noise_multiplier,
+                  "sample-rate": dp_plan.sample_rate}
+    replay.save(_ledger_dir(task), task.fingerprint, run, replay.Release(
+        server_round, received, released,
+        {**dp_metrics, "train-loss": result.loss, "steps": result.steps}))
+    return result, dp_metrics, released
+
+
+def _train_without_record_dp(task: _Task, request: Request, context: Context) -> tuple[
+    TrainResult, dict[str, float], dict[str, np.ndarray]
+]:
+    """Plain local training: DP off, or client-level DP (noise added by the coordinator)."""
+    if not task.cfg.privacy.dp:
+        log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee",
+                    task.data.name)
+    result = train_plain(task.net, task.train_set, task.cfg, task.device)
+    metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0, "sample-rate": 0.0}
+    return result, metrics, _release(task, request, context)
+
+
+def _name(context: Context) -> str:
+    node = context.node_config
+    return str(node.get(NAME_KEY) or
+               f"institution-{node.get('partition-id', context.node_id)}")
+
+
+def _uniform_weight(cfg: FedsiloConfig) -> dict[str, float]:
+    """Client-level DP averages uniformly; Flower's accountant checks the weights."""
+    client_level = cfg.privacy.dp and cfg.privacy.dp_level == "client"
+    return {UNIFORM_WEIGHT_KEY: 1.0} if client_level else {}
+
+
+def train(msg: Message, context: Context, age: float | None) -> Message:
+    """Train the received global tensors locally and reply with the update.
+
+    A declined round (budget, duplicate, policy) is answered with an error whose
+    reason starts with ``declined:``; the coordinator reports it apart from failures.
+    ``age`` is the ClientApp process's age when the message reached it (start-up and
+    imports), reported as ``seconds-process``.
+    """
+    entered = time.perf_counter()
+    request = read_request(msg)
+    try:
+        task = _setup(request, context)
+        set_up = time.perf_counter()
+        record_level = task.cfg.privacy.dp and task.cfg.privacy.dp_level == "record"
+        result, dp_metrics, released = (_train_private if record_level
+                                        else _train_without_record_dp)(task, request, context)
+        trained = time.perf_counter()
+    except privacy.DeclinedError as err:
+        log.warning("%s: %s", _name(context), err)
+        if "task" in locals():
+            _journal(task, context, request, "declined", reason=str(err))
+        return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
+                       reply_to=msg)
+    except SecAggRangeError as err:
+        log.error("%s: %s", _name(context), err)
+        return Message(Error(code=SECAGG_RANGE_CODE, reason=f"{_name(context)}: {err}"),
+                       reply_to=msg)
+    n = len(task.train_set)
+    metrics = {"num-examples": n, **dp_metrics, "train-loss": result.loss,
+               "steps": result.steps, **_uniform_weight(task.cfg)}
+    if task.cfg.privacy.keep_updates:
+        keep_update(_ledger_dir(task), task.fingerprint, task.run,
+                    int(request.config["server-round"]), released, n)
+    # Where the round's time went here (bench/round_anatomy.py reads these).
+    metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - set_up,
+                **task.timings}
+    if age is not None:
+        metrics["seconds-process"] = age  # process age on entry: start-up + imports
+    reply = train_reply(msg, request, task.data.name, metrics, released)
+    _journal(task, context, request, "train", sent=journal.digest(released),
+             num_examples=n, steps=result.steps,
+             epsilon=None if math.isinf(metrics["epsilon"]) else metrics["epsilon"],
+             delta=metrics["delta"])
+    log.info("%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
+             task.data.name, result.steps, n, result.loss, metrics["epsilon"],
+             sum(a.nbytes for a in released.values()))
+    return reply
+
+
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Evaluate the received global tensors on the institution's held-out data."""
+    request = read_request(msg)
+    try:
+        task = _setup(request, context)
+    except privacy.DeclinedError as err:
+        log.warning("%s: %s", _name(context), err)
+        return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
+                       reply_to=msg)
+    res = evaluate(task.net, task.test_set, task.device)
+    metrics = {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
+               "macro-f1": res.macro_f1, **_uniform_weight(task.cfg)}
+    _journal(task, context, request, "evaluate", num_examples=res.num_examples,
+             accuracy=res.accuracy)
+    return evaluate_reply(msg, request, task.data.name, metrics)
+
+
+def _journal(task: _Task, context: Context, request: Request, event: str,
+             **fields: object) -> None:
+    """Append to the institution's journal beside its ledger: what came in, what left."""
+    journal.append(_ledger_dir(task) / "journal.jsonl", event,
+                   institution=task.data.name, run=task.run,
+                   round=request.config.get("server-round"), dataset=task.fingerprint[:16],
+                   received=journal.digest(task.received), secure_aggregation=request.legacy,
+                   **fields)
