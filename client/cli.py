@@ -16,8 +16,6 @@ loosen that policy (see :mod:`fedsilo.client.policy`).
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import logging
 import socket
@@ -25,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -32,18 +31,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
     load_ssh_private_key,
 )
 
 from fedsilo.client import worker
 from fedsilo.client.agreements import approve
-from fedsilo.client.dashboard import render
-from fedsilo.client.ledger import Ledger, LedgerError
+from fedsilo.client.dashboard import render, show_ledger
+from fedsilo.client.ledger import LedgerError
 from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.agreement import AgreementError
-from fedsilo.common.certs import outside_validity
+from fedsilo.common.certs import key_fingerprint, outside_validity
 from fedsilo.common.config import (
     DEFAULT_MODEL,
     ConfigError,
@@ -62,6 +59,7 @@ log = logging.getLogger("fedsilo.client")
 
 #: What Flower's SuperNode prints when the SuperLink does not know its key.
 NOT_ADMITTED = "Failed to activate SuperNode"
+ADMISSION_RETRY = 10.0  # seconds between attempts to join while not admitted
 CONNECTION_KEYS = ("superlink", "root-certificates", "auth-private-key", "insecure")
 CHECK_KEYS = ("labels", "model", "runtime-port")
 PATH_KEYS = ("data", "root-certificates", "auth-private-key", LEDGER_KEY)
@@ -244,25 +242,6 @@ def supernode_command(settings: dict[str, Any], runtime_port: int,
             "--auth-supernode-private-key", settings["auth-private-key"]]
 
 
-def show_ledger(settings: dict[str, Any]) -> None:
-    """Log ε spent against the budget for every dataset in the institution's ledger."""
-    folder = Path(settings[LEDGER_KEY])
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    budget = settings.get("target-epsilon", "(the run's)")
-    if not files:
-        log.info("ledger %s: no privacy spent yet", folder)
-    for path in files:
-        doc = json.loads(path.read_text("utf-8"))
-        ledger = Ledger.open(folder, doc["fingerprint"], doc["accountant"])
-        if not ledger.entries:
-            continue
-        delta = ledger.entries[-1].delta
-        runs = {e.run for e in ledger.entries}
-        log.info("dataset %s…: ε spent %.4f / budget %s at δ=%.2e, %d round(s) in %d run(s), "
-                 "last %s", ledger.fingerprint[:12], ledger.spent(delta), budget, delta,
-                 len(ledger.entries), len(runs), ledger.entries[-1].at)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (each overrides the same key of client.toml)."""
     parser = argparse.ArgumentParser(prog="flower-client", description=__doc__.split("\n\n")[0])
@@ -270,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="only run the local checks")
     parser.add_argument("--ledger", action="store_true",
                         help="print the privacy spent per dataset (ε spent / budget) and exit")
+    parser.add_argument("--admission-wait", type=float, default=120.0, metavar="SECONDS",
+                        help="keep retrying this long while the coordinator does not admit "
+                        "this institution yet (it may still be registering keys)")
     parser.add_argument("--no-warm-worker", action="store_true",
                         help="run every message in its own ClientApp process (Flower's "
                         "default) instead of one long-lived worker")
@@ -328,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_client_config(args.config, overrides)
         if args.ledger:
-            show_ledger(settings)
+            show_ledger(Path(settings[LEDGER_KEY]), settings.get("target-epsilon",
+                                                                 "(the run's)"))
             return 0
         preflight(settings)
     except (ClientSetupError, DataError, ModelError, ConfigError, LedgerError,
@@ -349,15 +332,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     terminate_on_sigterm()
     helper, sock = (None, None) if args.no_warm_worker else worker.start(child_env())
+    deadline = time.monotonic() + args.admission_wait
     try:
-        return _run_supernode(settings, sock)
+        while True:
+            code, refused = _run_supernode(settings, sock)
+            if not refused or settings.get("insecure") or time.monotonic() >= deadline:
+                break
+            log.warning("%s is not admitted yet (the coordinator may still be registering "
+                        "institutions); retrying in %.0f s", settings[NAME_KEY], ADMISSION_RETRY)
+            time.sleep(ADMISSION_RETRY)
     finally:
         if helper is not None and sock is not None:
             worker.stop(helper, sock)
+    if refused and not settings.get("insecure"):
+        log.error("the coordinator at %s refused to admit %s: its node key (%s) is not on the "
+                  "coordinator's allow-list. Ask the coordinator to provision this "
+                  "institution, and use the kit it sends.", settings["superlink"],
+                  settings[NAME_KEY], key_fingerprint(Path(settings["auth-private-key"])))
+    return code
 
 
-def _run_supernode(settings: dict[str, Any], sock: Path | None) -> int:
-    """Run the SuperNode until it exits or is stopped; return its exit code."""
+def _run_supernode(settings: dict[str, Any], sock: Path | None) -> tuple[int, bool]:
+    """Run the SuperNode until it exits or is stopped; return (exit code, refused)."""
     cmd = supernode_command(settings, int(settings.get("runtime-port") or free_port()), sock)
     log.info("joining the federation at %s", settings["superlink"])
     proc = subprocess.Popen(cmd, env=child_env(), start_new_session=True, text=True,
@@ -383,18 +379,5 @@ def _run_supernode(settings: dict[str, Any], sock: Path | None) -> int:
         code = 130
     stop_group(proc)  # also ends helpers the SuperNode started (they hold the pipe)
     reader.join(5)
-    refused = bool(seen)
-    if refused and not settings.get("insecure"):
-        log.error("the coordinator at %s refused to admit %s: its node key (%s) is not on the "
-                  "coordinator's allow-list. Ask the coordinator to provision this "
-                  "institution, and use the kit it sends.", settings["superlink"],
-                  settings[NAME_KEY], key_fingerprint(Path(settings["auth-private-key"])))
-    return code
+    return code, bool(seen)
 
-
-def key_fingerprint(path: Path) -> str:
-    """OpenSSH-style SHA-256 fingerprint of the public half of a private key file."""
-    key = load_ssh_private_key(path.read_bytes(), password=None)
-    blob = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).split()[1]
-    digest = hashlib.sha256(base64.b64decode(blob)).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")

@@ -117,10 +117,13 @@ def test_institution_not_on_the_allow_list_is_refused(federation, tmp_path):
         serialization.NoEncryption()))
     os.chmod(kit / "node.key", 0o600)
     done = subprocess.run(
-        _client(kit, federation["data"]["hospital-a"], "--institution", "mallory"),
-        env=ENV, text=True, capture_output=True, timeout=120)
+        _client(kit, federation["data"]["hospital-a"], "--institution", "mallory",
+                "--admission-wait", "5"), env=ENV, text=True, capture_output=True, timeout=180)
     assert "mallory: local checks passed" in done.stderr  # TLS and the key file are fine...
     assert done.returncode != 0, done.returncode  # ...but the coordinator does not admit it
+    # It was refused, retried once (the coordinator may have been registering keys), and
+    # gave up when --admission-wait had passed.
+    assert done.stderr.count("is not admitted yet") == 1
     assert "not on the coordinator's allow-list" in done.stderr
     assert "SHA256:" in done.stderr
 
