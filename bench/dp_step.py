@@ -3,7 +3,9 @@
 
 Every (trainable set, mode) pair trains the default MiniLM classifier on the same
 random batch; modes are measured alternately, ``--repeats`` times, and reported as
-median ratios to the non-private step measured in the same run.
+median ratios to the non-private step measured in the same run. ``head-features``
+is what the default (``--trainable classifier``) runs in a federation: the head
+alone on the frozen encoder's cached features of that batch.
 
     .venv/bin/python bench/dp_step.py            # writes bench/results/dp_step.{json,md}
 """
@@ -24,12 +26,14 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsilo.common import features
 from fedsilo.common.config import ModelConfig
 from fedsilo.common.data import LabelMap
-from fedsilo.common.model import forward_logits, load_model
+from fedsilo.common.features import logits
+from fedsilo.common.model import load_model
 
 MODES = ("ghost", "hooks", "functorch", "ew")
-TRAINABLE = ("all", "top-k", "lora", "classifier")
+TRAINABLE = ("all", "top-k", "lora", "classifier", "head-features")
 
 
 def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int) -> tuple[float, int]:
@@ -53,7 +57,7 @@ def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int) -> tuple[
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        criterion(forward_logits(model, batch[0], batch[1]), batch[2]).backward()
+        criterion(logits(model, *batch[:-1]), batch[-1]).backward()
         optimizer.step()
 
     step()  # warm-up: allocations, hooks
@@ -83,7 +87,11 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     rows = []
     for trainable in args.trainable:
-        model = load_model(ModelConfig(trainable=trainable), labels, seed=0)
+        base = "classifier" if trainable == "head-features" else trainable
+        model, inputs = load_model(ModelConfig(trainable=base), labels, seed=0), data
+        if trainable == "head-features":
+            model, inputs = features.Head(model), features.extract(model, data,
+                                                                  torch.device("cpu"))
         samples: dict[str, list[tuple[float, int]]] = {m: [] for m in ("none", *MODES)}
         errors: dict[str, str] = {}
         for _ in range(args.repeats):
@@ -91,7 +99,7 @@ def main() -> None:
                 if mode in errors:
                     continue
                 try:
-                    samples[mode].append(_run(model, data, mode, args.steps))
+                    samples[mode].append(_run(model, inputs, mode, args.steps))
                 except Exception as err:  # noqa: BLE001 - an unsupported mode is a result
                     errors[mode] = f"{type(err).__name__}: {str(err)[:200]}"
                 logging.info("%s %s %s", trainable, mode, samples[mode][-1:] or errors[mode])
