@@ -27,7 +27,7 @@ from fedsilo.common.agreement import (
     verify,
 )
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.integrity import app_sha256, code_sha256, installed_app_dir, model_sha256
+from fedsilo.common.integrity import app_sha256, code_sha256, model_sha256
 from fedsilo.common.model import resolve_model_path
 from fedsilo.common.task import federation_labels
 
@@ -76,9 +76,11 @@ def approve(path: Path, ledger_dir: Path, ca_file: Path,
     return ident
 
 
-def local_terms(cfg: FedsiloConfig) -> dict[str, Any]:
-    """The terms of the run ``cfg`` as this institution sees it (hashes computed here)."""
-    app = installed_app_dir()
+def local_terms(cfg: FedsiloConfig, app: Path | None) -> dict[str, Any]:
+    """The terms of the run ``cfg`` as this institution sees it (hashes computed here).
+
+    ``app`` is the Flower app bundle the ClientApp process was loaded from, if any.
+    """
     model = Path(resolve_model_path(cfg.model.model))
     return run_terms(cfg, federation_labels(cfg).names,
                      model_sha256=model_sha256(model) if model.is_dir() else "not a local folder",
@@ -86,8 +88,10 @@ def local_terms(cfg: FedsiloConfig) -> dict[str, Any]:
                      code_sha256=code_sha256())
 
 
-def check_run(cfg: FedsiloConfig, ledger_dir: Path) -> None:
+def check_run(cfg: FedsiloConfig, ledger_dir: Path, app: Path | None) -> None:
     """Decline a run no approved agreement allows (no-op before any approval).
+
+    ``app`` is the app bundle the message's ClientApp process was loaded from.
 
     Raises
     ------
@@ -103,7 +107,7 @@ def check_run(cfg: FedsiloConfig, ledger_dir: Path) -> None:
                           f"this institution has not approved (approved: {', '.join(docs)}); "
                           "the coordinator runs with --agreement FILE, the institution "
                           "approves FILE with flower-client approve")
-    diffs = differences(docs[wanted]["terms"], local_terms(cfg))
+    diffs = differences(docs[wanted]["terms"], local_terms(cfg, app))
     if diffs:
         raise PolicyError(f"declined: the run differs from approved agreement {wanted} in "
                           + "; ".join(diffs))

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedsilo.client import worker
 from fedsilo.client.messages import secagg_mod
+from fedsilo.common.integrity import installed_app_dir
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.processes import process_age
 
@@ -28,17 +29,19 @@ app = ClientApp(mods=[secagg_mod])
 def _run(kind: str, msg: Message, context: Context) -> Message:
     age = process_age()  # this process's start-up and imports
     configure_logging()
+    app_dir = installed_app_dir()
+    origin = worker.Origin(age, str(app_dir) if app_dir else None)
     socket = context.node_config.get(worker.SOCKET_KEY)
     if socket:
         try:
-            return worker.call(Path(str(socket)), kind, msg, context, age)
+            return worker.call(Path(str(socket)), kind, msg, context, origin)
         except worker.WorkerUnavailable as err:
             log.warning("%s; running the %s message in this process", err, kind)
     from fedsilo.client import tasks  # the heavy imports, only without a worker
 
     if kind == "train":
-        return tasks.train(msg, context, age)
-    return tasks.evaluate_local(msg, context)
+        return tasks.train(msg, context, origin)
+    return tasks.evaluate_local(msg, context, origin)
 
 
 @app.train()

@@ -36,6 +36,7 @@ from fedsilo.client.messages import (
 )
 from fedsilo.client.policy import LEDGER_KEY, NAME_KEY, Policy, institution_config
 from fedsilo.client.train import TrainResult, train_plain, train_private
+from fedsilo.client.worker import Origin
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
@@ -103,7 +104,7 @@ class _Task:
     run: int  # the run's key: its first Flower run id, the same after a --resume
 
 
-def _setup(request: Request, context: Context) -> _Task:
+def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     """Resolve settings, load this institution's data and the received global model."""
     configure_logging()
     cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
@@ -113,7 +114,8 @@ def _setup(request: Request, context: Context) -> _Task:
         name, policy = "", Policy()
     else:  # a real institution: its node config holds its data and privacy policy
         if node.get(LEDGER_KEY):  # approved agreements live beside the ledger
-            check_run(cfg, Path(str(node[LEDGER_KEY])))  # before any data is read
+            app = Path(origin.app_dir) if origin.app_dir else None
+            check_run(cfg, Path(str(node[LEDGER_KEY])), app)  # before any data is read
         cfg, policy = institution_config(cfg, node)
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     # The institution's own folder (beside its ledger), or the simulation's output.
@@ -226,18 +228,18 @@ def _uniform_weight(cfg: FedsiloConfig) -> dict[str, float]:
     return {UNIFORM_WEIGHT_KEY: 1.0} if client_level else {}
 
 
-def train(msg: Message, context: Context, age: float | None) -> Message:
+def train(msg: Message, context: Context, origin: Origin) -> Message:
     """Train the received global tensors locally and reply with the update.
 
     A declined round (budget, duplicate, policy) is answered with an error whose
     reason starts with ``declined:``; the coordinator reports it apart from failures.
-    ``age`` is the ClientApp process's age when the message reached it (start-up and
-    imports), reported as ``seconds-process``.
+    ``origin.age`` is the ClientApp process's age when the message reached it (start-up
+    and imports), reported as ``seconds-process``.
     """
     entered = time.perf_counter()
     request = read_request(msg)
     try:
-        task = _setup(request, context)
+        task = _setup(request, context, origin)
         set_up = time.perf_counter()
         record_level = task.cfg.privacy.dp and task.cfg.privacy.dp_level == "record"
         result, dp_metrics, released = (_train_private if record_level
@@ -262,8 +264,8 @@ def train(msg: Message, context: Context, age: float | None) -> Message:
     # Where the round's time went here (bench/round_anatomy.py reads these).
     metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - set_up,
                 **task.timings}
-    if age is not None:
-        metrics["seconds-process"] = age  # process age on entry: start-up + imports
+    if origin.age is not None:
+        metrics["seconds-process"] = origin.age  # process age on entry: start-up + imports
     reply = train_reply(msg, request, task.data.name, metrics, released)
     _journal(task, context, request, "train", sent=journal.digest(released),
              num_examples=n, steps=result.steps,
@@ -275,11 +277,11 @@ def train(msg: Message, context: Context, age: float | None) -> Message:
     return reply
 
 
-def evaluate_local(msg: Message, context: Context) -> Message:
+def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
     """Evaluate the received global tensors on the institution's held-out data."""
     request = read_request(msg)
     try:
-        task = _setup(request, context)
+        task = _setup(request, context, origin)
     except privacy.DeclinedError as err:
         log.warning("%s: %s", _name(context), err)
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),

@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,22 @@ log = logging.getLogger("fedsilo.client.worker")  # also when run as __main__
 
 #: Node-config key naming the worker's socket (set by flower-client, not client.toml).
 SOCKET_KEY = "worker-socket"
-Handler = Callable[[Message, Context, "float | None"], Message]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The ``flwr-clientapp`` process a message reached, as it tells the worker.
+
+    ``age`` is its age on entry (start-up and imports); ``app_dir`` the Flower app
+    bundle it was loaded from, which an approved agreement's ``app-sha256`` must match:
+    the worker itself was not loaded from any bundle.
+    """
+
+    age: float | None
+    app_dir: str | None
+
+
+Handler = Callable[[Message, Context, Origin], Message]
 _HEADER = struct.Struct("!Q")
 _PARENT_CHECK_SECONDS = 5.0
 
@@ -73,7 +89,7 @@ def _recv(sock: socket.socket) -> Any:
     return pickle.loads(_recv_exact(sock, size))
 
 
-def call(path: Path, kind: str, msg: Message, context: Context, age: float | None) -> Message:
+def call(path: Path, kind: str, msg: Message, context: Context, origin: Origin) -> Message:
     """Run one message in the worker at ``path``; return the reply built against ``msg``.
 
     Raises
@@ -88,7 +104,7 @@ def call(path: Path, kind: str, msg: Message, context: Context, age: float | Non
             sock.connect(str(path))
         except OSError as err:
             raise WorkerUnavailable(f"no warm worker at {path} ({err})") from None
-        _send(sock, (kind, msg, context, age))
+        _send(sock, (kind, msg, context, origin))
         status, payload, state = _recv(sock)
     if status != "ok":
         raise WorkerFailed(f"the warm worker failed on the {kind} message:\n{payload}")
@@ -98,12 +114,12 @@ def call(path: Path, kind: str, msg: Message, context: Context, age: float | Non
 
 def _handle(conn: socket.socket, handlers: Mapping[str, Handler]) -> None:
     try:
-        kind, msg, context, age = _recv(conn)
+        kind, msg, context, origin = _recv(conn)
     except (ConnectionError, EOFError, pickle.UnpicklingError, ValueError) as err:
         log.warning("warm worker: unreadable request (%s); ignored", err)
         return
     try:
-        reply = handlers[kind](msg, context, age)
+        reply = handlers[kind](msg, context, origin)
         out = ("ok", reply.content if reply.has_content() else reply.error, context.state)
     except Exception:  # noqa: BLE001 - reported to the ClientApp, which fails the message
         log.exception("warm worker: the %s message failed", kind)
@@ -181,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
 def _handlers() -> dict[str, Handler]:
     from fedsilo.client import tasks  # torch, transformers, Opacus: imported once
 
-    return {"train": tasks.train,
-            "evaluate": lambda msg, context, _age: tasks.evaluate_local(msg, context)}
+    return {"train": tasks.train, "evaluate": tasks.evaluate_local}
 
 
 if __name__ == "__main__":

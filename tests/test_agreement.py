@@ -91,27 +91,28 @@ def test_stricter_privacy_is_allowed_anything_else_is_named():
     assert "target-epsilon (approved 4.0, this run 8.0)" in diffs
 
 
-def test_institution_runs_only_what_it_approved(issued, kit, cfg, tmp_path, monkeypatch):
+def test_institution_runs_only_what_it_approved(issued, kit, cfg, tmp_path):
     path, ident = issued
     ledger = kit / "ledger"
-    agreements.check_run(cfg, ledger)  # nothing approved yet: no agreement needed
+    agreements.check_run(cfg, ledger, None)  # nothing approved yet: no agreement needed
     assert _approve(path, kit, "--yes") == 0
     bundle = write_thin_app(tmp_path / "bundle", cfg)  # the bundle Flower would install
-    monkeypatch.setattr(agreements, "installed_app_dir", lambda: bundle)
-    agreements.check_run(cfg.replace(agreement_id=ident), ledger)
-    agreements.check_run(cfg.replace(agreement_id=ident, target_epsilon=1.0), ledger)
+    with pytest.raises(PolicyError, match="app-sha256.*not loaded from an app bundle"):
+        agreements.check_run(cfg.replace(agreement_id=ident), ledger, None)
+    agreements.check_run(cfg.replace(agreement_id=ident), ledger, bundle)
+    agreements.check_run(cfg.replace(agreement_id=ident, target_epsilon=1.0), ledger, bundle)
     with pytest.raises(PolicyError, match="has not approved"):
-        agreements.check_run(cfg, ledger)
+        agreements.check_run(cfg, ledger, bundle)
     with pytest.raises(PolicyError, match=r"num-rounds \(approved 2, this run 5\)"):
-        agreements.check_run(cfg.replace(agreement_id=ident, num_rounds=5), ledger)
+        agreements.check_run(cfg.replace(agreement_id=ident, num_rounds=5), ledger, bundle)
     (bundle / "evil.py").write_text("print('exfiltrate')\n")  # a modified app bundle
     with pytest.raises(PolicyError, match="app-sha256"):
-        agreements.check_run(cfg.replace(agreement_id=ident), ledger)
+        agreements.check_run(cfg.replace(agreement_id=ident), ledger, bundle)
     (bundle / "evil.py").unlink()
     toml = bundle / "pyproject.toml"
     toml.write_text(toml.read_text().replace("fedsilo.client.client_app:app", "evil:app"))
     with pytest.raises(PolicyError, match="app-sha256"):
-        agreements.check_run(cfg.replace(agreement_id=ident), ledger)
+        agreements.check_run(cfg.replace(agreement_id=ident), ledger, bundle)
 
 
 def test_coordinator_refuses_to_start_a_run_that_breaks_its_agreement(issued, pki, cfg, caplog):
