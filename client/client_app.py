@@ -29,8 +29,7 @@ app = ClientApp(mods=[secagg_mod])
 def _run(kind: str, msg: Message, context: Context) -> Message:
     age = process_age()  # this process's start-up and imports
     configure_logging()
-    app_dir = installed_app_dir()
-    origin = worker.Origin(age, str(app_dir) if app_dir else None)
+    origin = worker.Origin(age, installed_app_dir())
     socket = context.node_config.get(worker.SOCKET_KEY)
     if socket:
         try:

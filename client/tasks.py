@@ -114,8 +114,7 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
         name, policy = "", Policy()
     else:  # a real institution: its node config holds its data and privacy policy
         if node.get(LEDGER_KEY):  # approved agreements live beside the ledger
-            app = Path(origin.app_dir) if origin.app_dir else None
-            check_run(cfg, Path(str(node[LEDGER_KEY])), app)  # before any data is read
+            check_run(cfg, Path(str(node[LEDGER_KEY])), origin.app_dir)  # before data is read
         cfg, policy = institution_config(cfg, node)
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     # The institution's own folder (beside its ledger), or the simulation's output.

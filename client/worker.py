@@ -52,7 +52,7 @@ class Origin:
     """
 
     age: float | None
-    app_dir: str | None
+    app_dir: Path | None
 
 
 Handler = Callable[[Message, Context, Origin], Message]
