@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import platform
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -15,6 +17,17 @@ import torch
 from fedsilo.common.data import TextRecords
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: The demo's script (not a package); benchmarks run it and read its defaults.
+SIMULATION = Path(__file__).resolve().parents[1] / "simulations" / "run_simulation.py"
+
+
+def simulation() -> ModuleType:
+    """Import ``simulations/run_simulation.py`` for its parser and demo defaults."""
+    spec = importlib.util.spec_from_file_location("run_simulation", SIMULATION)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def machine() -> dict[str, Any]:

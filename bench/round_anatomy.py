@@ -2,15 +2,16 @@
 """Round anatomy of a real deployment on loopback: where a round's wall time goes.
 
 Provisions a PKI, starts ``flower-server`` (TLS, node authentication, DP) and two
-``flower-client``s on 127.0.0.1 and runs the README demo's default round: the two
+``flower-client``s on 127.0.0.1 and runs the README demo's round: the two
 institutions hold the shares of the demo's institutions 0 and 1 (Dirichlet(α = 0.5)
 over ICD-10; each keeps 10 % for local evaluation and trains on at most 6,000
 examples, as in the demo), the coordinator evaluates on the demo's holdout (1,819
-codes), every other setting is the default (head only, 24 tokens, ε = 8 over 3
-rounds). Every round's wall time (from ``metrics.json``, placed in time by the audit
-journals) is split into the train message (the slower institution's ClientApp
-process start-up and imports, data preparation, model load, encoder features and
-training, plus transfer and Flower's scheduling), the coordinator's aggregation, the
+codes), rounds and local epochs are the demo's, and every other setting is the
+default (head only, 24 tokens, ε = 8 over the run). Every round's wall time (from
+``metrics.json``, placed in time by the audit journals) is split into the train
+message (the slower institution's ClientApp process start-up and imports, data
+preparation, model load, encoder features and training, plus transfer and Flower's
+scheduling), the coordinator's aggregation, the
 evaluate message (a ClientApp process, local evaluation) and the coordinator's
 remainder (centralized evaluation, metrics, checkpoint). "Overhead" is everything
 but training.
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import markdown, write, write_csv
+from benchlib import markdown, simulation, write, write_csv
 
 from fedsilo.common.config import DataConfig
 from fedsilo.common.datasets import split_holdout, take
@@ -82,7 +83,8 @@ def run_deployment(root: Path, args: argparse.Namespace,
     out = root / "out"
     server_cmd = [str(BIN / "flower-server"), "--pki", str(root / "pki"), "--state-dir",
                   str(root / "state"), "--host", "127.0.0.1", "--port", str(port),
-                  "--num-rounds", str(args.rounds), "--min-available", "2", "--min-train", "2",
+                  "--num-rounds", str(args.rounds), "--local-epochs", str(args.local_epochs),
+                  "--min-available", "2", "--min-train", "2",
                   "--max-examples", str(args.examples), "--eval-data", str(holdout),
                   "--output-dir", str(out)]
     logs = [(root / f"{n}.log").open("wb") for n in ("server", *NAMES)]
@@ -156,8 +158,10 @@ def anatomy(metrics: dict[str, Any], times: Timeline) -> list[dict[str, Any]]:
 def main() -> None:
     """Measure and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=6000,
+    demo = simulation().DEMO_DEFAULTS
+    parser.add_argument("--rounds", type=int, default=demo["num-rounds"])
+    parser.add_argument("--local-epochs", type=int, default=demo["local-epochs"])
+    parser.add_argument("--examples", type=int, default=demo["max-examples"],
                         help="cap on training examples per institution (the demo's "
                         "--max-examples)")
     parser.add_argument("--threads", type=int, default=1,

@@ -2,10 +2,10 @@
 """Utility vs privacy on ICD-10: federated at ε ∈ {1, 3, 8, ∞} and centralized, same epochs.
 
 Each federated setting is the README demo (3 institutions, Dirichlet α = 0.5, the
-demo's example cap, 3 rounds of 1 local epoch) at one privacy level. "Centralized"
+demo's example cap, rounds and local epochs) at one privacy level. "Centralized"
 is one institution, without DP, holding the pooled training data of those three
 institutions (their exact training records, written to a CSV), trained for the same
-3 rounds × 1 local epoch, i.e. the same number of passes over every record. All runs
+rounds × local epochs, i.e. the same number of passes over every record. All runs
 evaluate on the same coordinator holdout (the demo's, written to a CSV for the
 centralized run), so accuracies compare directly.
 
@@ -19,35 +19,22 @@ handful of the pooled records (the count is in the JSON).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from benchlib import RESULTS, markdown, write, write_csv
+from benchlib import RESULTS, SIMULATION, markdown, simulation, write, write_csv
 
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import simulated_institution, split_holdout
 
-SCRIPT = Path(__file__).resolve().parents[1] / "simulations" / "run_simulation.py"
 INSTITUTIONS = 3
-ROUNDS = 3
 #: The acceptance target: federated ε = 8 within this many accuracy points of centralized.
 TARGET_POINTS = 5.0
-
-
-def _simulation() -> ModuleType:
-    """Import ``simulations/run_simulation.py`` (not a package) for its defaults."""
-    spec = importlib.util.spec_from_file_location("run_simulation", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pooled_data(cfg: FedsiloConfig, out: Path) -> tuple[list[str], dict[str, Any]]:
@@ -70,7 +57,7 @@ def pooled_data(cfg: FedsiloConfig, out: Path) -> tuple[list[str], dict[str, Any
 
 def _run(name: str, flags: list[str], out: Path, common: list[str]) -> dict[str, Any]:
     started = time.monotonic()
-    cmd = [sys.executable, str(SCRIPT), *common, *flags, "--output-dir", str(out / name)]
+    cmd = [sys.executable, str(SIMULATION), *common, *flags, "--output-dir", str(out / name)]
     logging.info("%s: %s", name, " ".join(cmd[2:]))
     done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
@@ -101,8 +88,8 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more flags for every run, after --")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    common = ["--num-rounds", str(ROUNDS), "--local-epochs", "1", *args.extra]
-    sim = _simulation()
+    common = list(args.extra)
+    sim = simulation()
     cfg = sim.resolve_config(sim.build_parser().parse_args(
         [*common, "--institutions", str(INSTITUTIONS)]))
     central_flags, facts = pooled_data(cfg, args.out.resolve() / "data")
@@ -123,8 +110,9 @@ def main() -> None:
     gap = None if eps8 is None else 100 * (central - eps8["accuracy"])
     target = {"federated_eps8_gap_points": gap, "limit_points": TARGET_POINTS,
               "met": None if gap is None else gap <= TARGET_POINTS}
-    path = write("utility", {"settings": {"institutions": INSTITUTIONS, "rounds": ROUNDS,
-                                          "local_epochs": 1, "common_flags": common},
+    settings = {"institutions": INSTITUTIONS, "rounds": cfg.federation.num_rounds,
+                "local_epochs": cfg.train.local_epochs, "common_flags": common}
+    path = write("utility", {"settings": settings,
                              "pooled_data": facts, "target": target, "results": results,
                              "total_seconds": time.monotonic() - started}, table)
     print(table)
