@@ -136,6 +136,11 @@ class FederationConfig(_Section):
     min_train: int = Field(2, ge=1, description="minimum institutions per round")
     min_available: int = Field(2, ge=1, description="institutions to wait for before the "
                                "first round (later rounds need min-train of them)")
+    evaluate_every: int = Field(
+        1, ge=0, description="federated evaluation (an evaluate message to the "
+        "institutions) after every N-th round and after the last; 0 = never. The "
+        "coordinator's own holdout evaluation (--eval-data) still runs every round"
+    )
     round_timeout: float = Field(3600.0, gt=0, description="most seconds a round waits for "
                                  "replies; later replies are logged and counted as late")
     straggler_timeout: float = Field(

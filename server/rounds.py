@@ -2,7 +2,8 @@
 
 Flower's ``Strategy.start`` always runs rounds 1…N from the initial model. This loop
 calls the same strategy hooks (``configure_train`` → ``aggregate_train`` →
-``configure_evaluate`` → ``aggregate_evaluate``) for rounds ``first``…``last`` and hands
+``configure_evaluate`` → ``aggregate_evaluate``, the last two only in rounds where
+federated evaluation is due) for rounds ``first``…``last`` and hands
 each finished round to ``end_of_round`` (centralized evaluation, report, checkpoint), so
 a resumed run continues with the real round numbers that institutions' ledgers use.
 Every message carries the run key (``RUN_KEY``): the first run's Flower run id, which
@@ -23,8 +24,13 @@ from fedsilo.common.wire import RUN_KEY
 log = logging.getLogger(__name__)
 
 
+def evaluation_due(server_round: int, last: int, every: int) -> bool:
+    """Whether round ``server_round`` ends with federated evaluation (``--evaluate-every``)."""
+    return every > 0 and (server_round % every == 0 or server_round == last)
+
+
 def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first: int, last: int,
-               run_key: int, timeout: float,
+               run_key: int, timeout: float, evaluate_every: int,
                end_of_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
     """Run rounds ``first``…``last`` starting from ``arrays``; return the final arrays."""
     config = ConfigRecord({RUN_KEY: run_key})
@@ -38,8 +44,10 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first: in
                         "unchanged", server_round)
         else:
             arrays = aggregated
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, config, grid), timeout=timeout)
-        strategy.aggregate_evaluate(server_round, replies)
+        if evaluation_due(server_round, last, evaluate_every):
+            replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, config, grid),
+                timeout=timeout)
+            strategy.aggregate_evaluate(server_round, replies)
         end_of_round(server_round, arrays)
     return arrays

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Context
 from flwr.common import (
+    EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
@@ -37,6 +38,7 @@ from fedsilo.common.config import FederationConfig
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import INSTITUTION_KEY
 from fedsilo.server.report import RunReport
+from fedsilo.server.rounds import evaluation_due
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class SecAggFedAvg(LegacyFedAvg):
         )
         self.names, self.current = names, initial
         self.report, self.evaluator = report, evaluator
+        self.last_round, self.evaluate_every = fed.num_rounds, fed.evaluate_every
         self._finished: set[int] = set()
 
     def finish(self, server_round: int) -> None:
@@ -98,6 +101,14 @@ class SecAggFedAvg(LegacyFedAvg):
         self.finish(server_round - 1)
         self.current = parameters_to_ndarrays(parameters)
         return super().configure_fit(server_round, parameters, client_manager)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager
+                           ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Ask institutions to evaluate only in rounds where ``--evaluate-every`` says so."""
+        if not evaluation_due(server_round, self.last_round, self.evaluate_every):
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]],

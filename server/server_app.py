@@ -148,7 +148,8 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
     patient.minimum, patient.flag = fed.min_train, "--min-train"
     final = run_rounds(strategy, patient, arrays,  # type: ignore[arg-type]
                        first=first, last=fed.num_rounds, run_key=run_key,
-                       timeout=fed.round_timeout, end_of_round=end_of_round)
+                       timeout=fed.round_timeout, evaluate_every=fed.evaluate_every,
+                       end_of_round=end_of_round)
     return _named(final)
 
 

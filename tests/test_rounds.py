@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.server import checkpoint
+from fedsilo.server.rounds import run_rounds
 from fedsilo.server.waiting import SUPERLINK_NODE_ID, Missing, PatientGrid
 
 
@@ -151,3 +152,62 @@ def test_each_train_reply_is_handed_on_as_it_arrives_late_and_evaluate_ones_are_
                         dst_node_id=n, message_type="evaluate") for n in (11, 12)]
     assert len(list(grid.send_and_receive(evaluate, timeout=30))) == 2
     assert sorted(seen) == [11, 12] and [m.node_id for m, _ in late] == [13]
+
+
+class RecordingStrategy:
+    """Strategy hooks that record which rounds asked institutions to evaluate."""
+
+    def __init__(self):
+        self.evaluated: list[int] = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return [f"train-{server_round}"]
+
+    def aggregate_train(self, server_round, replies):
+        return None, None
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return [f"evaluate-{server_round}"]
+
+    def aggregate_evaluate(self, server_round, replies):
+        self.evaluated.append(server_round)
+
+
+class EchoGrid:
+    def __init__(self):
+        self.sent: list[str] = []
+
+    def send_and_receive(self, messages, timeout):
+        self.sent += messages
+        return []
+
+
+@pytest.mark.parametrize(("first", "every", "expected"), [
+    (1, 1, [1, 2, 3, 4, 5]), (1, 2, [2, 4, 5]), (1, 5, [5]), (1, 0, []), (3, 2, [4, 5])])
+def test_federated_evaluation_runs_every_nth_round_and_after_the_last(first, every, expected):
+    strategy, grid, ended = RecordingStrategy(), EchoGrid(), []
+    run_rounds(strategy, grid, ArrayRecord(), first=first, last=5, run_key=7, timeout=1,
+               evaluate_every=every, end_of_round=lambda r, _: ended.append(r))
+    assert strategy.evaluated == expected
+    assert grid.sent == [m for r in range(first, 6)
+                         for m in [f"train-{r}", *([f"evaluate-{r}"] if r in expected else [])]]
+    assert ended == list(range(first, 6))  # centralized evaluation and report every round
+
+
+def test_secagg_rounds_ask_for_evaluation_on_the_same_rounds():
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.client_proxy import ClientProxy
+
+    from fedsilo.common.config import FederationConfig
+    from fedsilo.server.secagg import SecAggFedAvg
+
+    class Proxy(ClientProxy):
+        get_properties = get_parameters = fit = evaluate = reconnect = None
+
+    manager = SimpleClientManager()
+    manager.register(Proxy("institution-a"))
+    fed = FederationConfig(num_rounds=5, evaluate_every=2, min_train=1, min_available=1)
+    strategy = SecAggFedAvg(fed, ["w"], [np.zeros(2)], report=None, evaluator=lambda *_: None)
+    asked = [r for r in range(1, 6)
+             if strategy.configure_evaluate(r, strategy.initial_parameters, manager)]
+    assert asked == [2, 4, 5]

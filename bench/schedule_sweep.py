@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Which training schedule the demo should run: a fast in-process sweep at ε = 8.
+
+The demo trains only the head, on the frozen encoder's features, so one federated
+run can be replayed in one process in seconds: the demo's three institutions
+(their exact shares, features computed once), each running fedsilo's own DP-SGD
+round (:func:`fedsilo.client.train.train_private`, noise calibrated by
+:func:`fedsilo.client.privacy.plan` for the whole run), averaged by FedAvg weighted
+by examples, evaluated on the demo's holdout. Every schedule (rounds × local
+epochs), expected batch size and learning rate is run ``--repeats`` times (the DP
+noise differs between repeats), beside a centralized non-private run on the pooled
+shares with the same number of epochs (at the demo's batch size and learning rate).
+``bench/utility.py`` then measures the chosen schedule end to end.
+
+    .venv/bin/python bench/schedule_sweep.py   # writes bench/results/schedule_sweep.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from benchlib import RESULTS, markdown, simulation, write
+from opacus.accountants import create_accountant
+from torch.utils.data import TensorDataset
+
+from fedsilo.client.privacy import default_delta, plan
+from fedsilo.client.train import train_plain, train_private
+from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.datasets import simulated_institution, split_holdout
+from fedsilo.common.features import Head, prepare
+from fedsilo.common.model import load_model, load_tokenizer
+from fedsilo.common.task import encode, evaluate, federation_labels
+
+INSTITUTIONS = 3
+DEVICE = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep."""
+
+    rounds: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+
+
+def features(cfg: FedsiloConfig) -> tuple[list[TensorDataset], TensorDataset]:
+    """The demo institutions' training features and the holdout's, computed once."""
+    labels = federation_labels(cfg)
+    model = load_model(cfg.model, labels, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    shares = [simulated_institution(cfg.data, cfg.train.seed, pid, INSTITUTIONS).train
+              for pid in range(INSTITUTIONS)]
+    _, holdout = split_holdout(cfg.data, cfg.train.seed)
+    if holdout is None:
+        raise SystemExit("the demo has no holdout (--holdout-fraction 0)")
+    tokens = [encode(tokenizer, r, labels, cfg.model.max_length) for r in (*shares, holdout)]
+    head, feats = prepare(model, tokens, DEVICE, RESULTS / "schedule-sweep-runs")
+    if not isinstance(head, Head):
+        raise SystemExit("this sweep needs --trainable classifier (the head on features)")
+    return feats[:-1], feats[-1]
+
+
+def run(cfg: FedsiloConfig, shares: list[TensorDataset], holdout: TensorDataset,
+        dp: bool) -> float:
+    """Holdout accuracy of one federated run of ``cfg`` over ``shares`` (FedAvg)."""
+    head = Head(load_model(cfg.model, federation_labels(cfg), cfg.train.seed))
+    plans = [plan(num_examples=len(d), batch_size=cfg.train.batch_size,
+                  local_epochs=cfg.train.local_epochs, num_rounds=cfg.federation.num_rounds,
+                  target_epsilon=cfg.privacy.target_epsilon, delta=default_delta(len(d)),
+                  accountant=cfg.privacy.accountant) for d in shares]
+    accountants = [create_accountant(cfg.privacy.accountant) for _ in shares]
+    weights = [len(d) for d in shares]
+    for _ in range(cfg.federation.num_rounds):
+        start = {n: p.detach().clone() for n, p in head.named_parameters()}
+        trained = []
+        for data, dp_plan, accountant in zip(shares, plans, accountants, strict=True):
+            with torch.no_grad():
+                for name, param in head.named_parameters():
+                    param.copy_(start[name])
+            if dp:
+                train_private(head, data, cfg, dp_plan, accountant, DEVICE)
+            else:
+                train_plain(head, data, cfg, DEVICE)
+            trained.append({n: p.detach().clone() for n, p in head.named_parameters()})
+        with torch.no_grad():
+            for name, param in head.named_parameters():
+                param.copy_(sum(w * t[name] for w, t in zip(weights, trained, strict=True))
+                            / sum(weights))
+    return evaluate(head, holdout, DEVICE).accuracy
+
+
+def main() -> None:
+    """Run the sweep and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--schedules", nargs="+", default=["3x1", "3x3", "5x3", "10x3"],
+                        help="ROUNDSxEPOCHS")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.01, 0.03])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sim = simulation()
+    base = sim.resolve_config(sim.build_parser().parse_args([]))
+    started = time.monotonic()
+    shares, holdout = features(base)
+    pooled = [TensorDataset(*(torch.cat(t) for t in zip(*(d.tensors for d in shares),
+                                                          strict=True)))]
+    schedules = [tuple(int(x) for x in s.split("x")) for s in args.schedules]
+    central = {(r, e): run(base.replace(num_rounds=r, local_epochs=e), pooled, holdout,
+                           dp=False) for r, e in schedules}
+    results, rows = [], []
+    for (rounds, epochs), bs, lr in itertools.product(schedules, args.batch_sizes,
+                                                      args.learning_rates):
+        setting = Setting(rounds, epochs, bs, lr)
+        cfg = base.replace(num_rounds=rounds, local_epochs=epochs, batch_size=bs,
+                           learning_rate=lr)
+        accs = [run(cfg, shares, holdout, dp=True) for _ in range(args.repeats)]
+        pooled_acc = central[rounds, epochs]
+        results.append({**vars(setting), "epsilon": cfg.privacy.target_epsilon,
+                        "federated_accuracies": accs, "centralized_no_dp_accuracy": pooled_acc})
+        rows.append([f"{rounds} × {epochs}", bs, lr, f"{statistics.mean(accs):.3f}",
+                     f"{min(accs):.3f}–{max(accs):.3f}", f"{pooled_acc:.3f}"])
+        logging.info("%s: ε = 8 federated %s, centralized %.3f", setting, accs, pooled_acc)
+    table = markdown(["rounds × local epochs", "batch", "learning rate",
+                      "ε = 8 federated accuracy (mean)", "range", "centralized no-DP"], rows)
+    path = write("schedule_sweep", {"institutions": INSTITUTIONS, "repeats": args.repeats,
+                                    "examples": [len(d) for d in shares],
+                                    "holdout_examples": len(holdout), "results": results,
+                                    "total_seconds": time.monotonic() - started}, table)
+    print(table)
+    logging.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()
