@@ -22,6 +22,7 @@ import itertools
 import logging
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,10 @@ def main() -> None:
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.01, 0.03])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # force: importing Opacus has already given the root logger a WARNING-level handler.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    # Opacus warns on every step that the head's inputs need no gradient (they are features).
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"opacus\.")
     sim = simulation()
     base = sim.resolve_config(sim.build_parser().parse_args([]))
     started = time.monotonic()
