@@ -23,7 +23,6 @@ import logging
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 from benchlib import RESULTS, markdown, simulation, write
@@ -35,25 +34,20 @@ from fedsilo.client.train import train_plain, train_private
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import simulated_institution, split_holdout
 from fedsilo.common.features import Head, prepare
-from fedsilo.common.model import load_model, load_tokenizer
+from fedsilo.common.model import (
+    get_trainable_state,
+    load_model,
+    load_tokenizer,
+    set_trainable_state,
+)
 from fedsilo.common.task import encode, evaluate, federation_labels
 
 INSTITUTIONS = 3
 DEVICE = torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One point of the sweep."""
-
-    rounds: int
-    epochs: int
-    batch_size: int
-    learning_rate: float
-
-
-def features(cfg: FedsiloConfig) -> tuple[list[TensorDataset], TensorDataset]:
-    """The demo institutions' training features and the holdout's, computed once."""
+def features(cfg: FedsiloConfig) -> tuple[Head, list[TensorDataset], TensorDataset]:
+    """The untrained head, and the demo institutions' and the holdout's features."""
     labels = federation_labels(cfg)
     model = load_model(cfg.model, labels, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -66,35 +60,32 @@ def features(cfg: FedsiloConfig) -> tuple[list[TensorDataset], TensorDataset]:
     head, feats = prepare(model, tokens, DEVICE, RESULTS / "schedule-sweep-runs")
     if not isinstance(head, Head):
         raise SystemExit("this sweep needs --trainable classifier (the head on features)")
-    return feats[:-1], feats[-1]
+    return head, feats[:-1], feats[-1]
 
 
-def run(cfg: FedsiloConfig, shares: list[TensorDataset], holdout: TensorDataset,
-        dp: bool) -> float:
-    """Holdout accuracy of one federated run of ``cfg`` over ``shares`` (FedAvg)."""
-    head = Head(load_model(cfg.model, federation_labels(cfg), cfg.train.seed))
-    plans = [plan(num_examples=len(d), batch_size=cfg.train.batch_size,
-                  local_epochs=cfg.train.local_epochs, num_rounds=cfg.federation.num_rounds,
-                  target_epsilon=cfg.privacy.target_epsilon, delta=default_delta(len(d)),
-                  accountant=cfg.privacy.accountant) for d in shares]
-    accountants = [create_accountant(cfg.privacy.accountant) for _ in shares]
+def run(head: Head, initial: dict[str, torch.Tensor], cfg: FedsiloConfig,
+        shares: list[TensorDataset], holdout: TensorDataset, dp: bool) -> float:
+    """Holdout accuracy of one federated run of ``cfg`` from ``initial`` (FedAvg)."""
+    set_trainable_state(head, initial)
     weights = [len(d) for d in shares]
+    plans = [plan(num_examples=n, batch_size=cfg.train.batch_size,
+                  local_epochs=cfg.train.local_epochs, num_rounds=cfg.federation.num_rounds,
+                  target_epsilon=cfg.privacy.target_epsilon, delta=default_delta(n),
+                  accountant=cfg.privacy.accountant) for n in weights] if dp else []
+    accountants = [create_accountant(cfg.privacy.accountant) for _ in shares]
     for _ in range(cfg.federation.num_rounds):
-        start = {n: p.detach().clone() for n, p in head.named_parameters()}
-        trained = []
-        for data, dp_plan, accountant in zip(shares, plans, accountants, strict=True):
-            with torch.no_grad():
-                for name, param in head.named_parameters():
-                    param.copy_(start[name])
+        start, trained = get_trainable_state(head), []
+        for i, data in enumerate(shares):
+            set_trainable_state(head, start)
             if dp:
-                train_private(head, data, cfg, dp_plan, accountant, DEVICE)
+                train_private(head, data, cfg, plans[i], accountants[i], DEVICE)
             else:
                 train_plain(head, data, cfg, DEVICE)
-            trained.append({n: p.detach().clone() for n, p in head.named_parameters()})
-        with torch.no_grad():
-            for name, param in head.named_parameters():
-                param.copy_(sum(w * t[name] for w, t in zip(weights, trained, strict=True))
-                            / sum(weights))
+            trained.append(get_trainable_state(head))
+        total = sum(weights)
+        set_trainable_state(head, {
+            name: sum(w * t[name] for w, t in zip(weights, trained, strict=True)) / total
+            for name in start})
     return evaluate(head, holdout, DEVICE).accuracy
 
 
@@ -114,21 +105,23 @@ def main() -> None:
     sim = simulation()
     base = sim.resolve_config(sim.build_parser().parse_args([]))
     started = time.monotonic()
-    shares, holdout = features(base)
+    head, shares, holdout = features(base)
+    initial = get_trainable_state(head)
     pooled = [TensorDataset(*(torch.cat(t) for t in zip(*(d.tensors for d in shares),
                                                           strict=True)))]
     schedules = [tuple(int(x) for x in s.split("x")) for s in args.schedules]
-    central = {(r, e): run(base.replace(num_rounds=r, local_epochs=e), pooled, holdout,
-                           dp=False) for r, e in schedules}
+    central = {(r, e): run(head, initial, base.replace(num_rounds=r, local_epochs=e),
+                           pooled, holdout, dp=False) for r, e in schedules}
     results, rows = [], []
     for (rounds, epochs), bs, lr in itertools.product(schedules, args.batch_sizes,
                                                       args.learning_rates):
-        setting = Setting(rounds, epochs, bs, lr)
+        setting = {"rounds": rounds, "epochs": epochs, "batch_size": bs, "learning_rate": lr}
         cfg = base.replace(num_rounds=rounds, local_epochs=epochs, batch_size=bs,
                            learning_rate=lr)
-        accs = [run(cfg, shares, holdout, dp=True) for _ in range(args.repeats)]
+        accs = [run(head, initial, cfg, shares, holdout, dp=True)
+                for _ in range(args.repeats)]
         pooled_acc = central[rounds, epochs]
-        results.append({**vars(setting), "epsilon": cfg.privacy.target_epsilon,
+        results.append({**setting, "epsilon": cfg.privacy.target_epsilon,
                         "federated_accuracies": accs, "centralized_no_dp_accuracy": pooled_acc})
         rows.append([f"{rounds} × {epochs}", bs, lr, f"{statistics.mean(accs):.3f}",
                      f"{min(accs):.3f}–{max(accs):.3f}", f"{pooled_acc:.3f}"])
