@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
@@ -37,8 +38,9 @@ def _model(tiny_bert, trainable: str = "classifier"):
     return load_model(cfg.model, LABELS, seed=1), cfg
 
 
-def test_bert_head_on_features_reproduces_the_full_logits(tiny_bert):
-    model, _ = _model(tiny_bert)
+@pytest.mark.parametrize("trainable", ["classifier", "output"])
+def test_bert_head_on_features_reproduces_the_full_logits(tiny_bert, trainable):
+    model, _ = _model(tiny_bert, trainable)
     model.eval()
     tokens = _tokens()
     head = features.head_only(model)
@@ -76,8 +78,9 @@ def test_only_head_only_models_take_the_feature_path(tiny_bert):
         assert net is model and len(sets[0].tensors) == 3
 
 
-def test_dp_sgd_on_the_head_trains_the_models_own_tensors(tiny_bert):
-    model, cfg = _model(tiny_bert)
+@pytest.mark.parametrize("trainable", ["classifier", "output"])
+def test_dp_sgd_on_the_head_trains_the_models_own_tensors(tiny_bert, trainable):
+    model, cfg = _model(tiny_bert, trainable)
     before = get_trainable_state(model)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k not in before}
     net, (train_in,) = features.prepare(model, [_tokens(40)], CPU, None)
