@@ -4,9 +4,8 @@
 Every (trainable set, mode) pair trains the default MiniLM classifier on the same
 random batch; modes are measured alternately, ``--repeats`` times, and reported as
 median ratios to the non-private step measured in the same run. ``head-features``
-is what ``--trainable classifier`` runs in a federation: the head alone on the frozen
-encoder's cached features of that batch (the default ``--trainable output`` runs the
-same head with only its output layer training).
+is what the default (``--trainable classifier``) runs in a federation: the head
+alone on the frozen encoder's cached features of that batch.
 
     .venv/bin/python bench/dp_step.py            # writes bench/results/dp_step.{json,md}
 """

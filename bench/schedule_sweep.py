@@ -59,7 +59,7 @@ def features(cfg: FedsiloConfig) -> tuple[Head, list[TensorDataset], TensorDatas
     tokens = [encode(tokenizer, r, labels, cfg.model.max_length) for r in (*shares, holdout)]
     head, feats = prepare(model, tokens, DEVICE, RESULTS / "schedule-sweep-runs")
     if not isinstance(head, Head):
-        raise SystemExit("this sweep needs --trainable output or classifier (the head on features)")
+        raise SystemExit("this sweep needs --trainable classifier (the head on features)")
     return head, feats[:-1], feats[-1]
 
 

@@ -21,7 +21,7 @@ from fedsilo.common.data import LabelMap, icd10_label_names
 from fedsilo.common.model import get_trainable_state, load_model
 from fedsilo.common.wire import array_record_bytes
 
-SETS = ("all", "top-k", "lora", "classifier", "output")
+SETS = ("all", "top-k", "lora", "classifier")
 
 
 def main() -> None:

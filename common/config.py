@@ -40,11 +40,9 @@ class ModelConfig(_Section):
     )
     max_length: int = Field(24, ge=8, le=512, description="max tokens per text (ICD-10 "
                             "descriptions: 95 percent fit in 23)")
-    trainable: Literal["all", "top-k", "lora", "classifier", "output"] = Field(
-        "output", description="which tensors train and travel: all, top-k encoder layers "
-        "+ classifier, LoRA adapters + classifier, classifier only (BERT: pooler + output "
-        "layer), or output only (the linear layer that gives the logits; fewest tensors, "
-        "least DP noise)"
+    trainable: Literal["all", "top-k", "lora", "classifier"] = Field(
+        "classifier", description="which tensors train and travel: all, top-k encoder layers "
+        "+ classifier, LoRA adapters + classifier, or classifier only"
     )
     top_k: int = Field(2, ge=1, description="encoder layers trained when trainable=top-k")
     lora_rank: int = Field(8, ge=1, description="trainable=lora: rank of the adapters")

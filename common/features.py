@@ -1,7 +1,7 @@
 """Frozen-encoder features: when only the head trains, run the encoder once per dataset.
 
-With ``--trainable output`` (the default) or ``classifier`` every encoder weight is
-frozen and never travels, so the encoder's output for an example is the same in every round. The
+With ``--trainable classifier`` (the default) every encoder weight is frozen and never
+travels, so the encoder's output for an example is the same in every round. The
 head of the BERT and RoBERTa families reads only the first token's final hidden
 state, so that vector (computed once in eval mode, without dropout, as at
 prediction time) is all training and evaluation need. They then run the head
@@ -70,14 +70,14 @@ def logits(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
 
 
 def head_only(model: nn.Module) -> Head | None:
-    """The model's :class:`Head` when only (some of) its parameters train, else None."""
+    """The model's :class:`Head` when exactly its parameters train, else None."""
     try:
         head = Head(model)
     except TypeError:
         return None
     own = {id(p) for p in head.parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    return head if trainable and trainable <= own else None
+    return head if trainable and trainable == own else None
 
 
 def frozen_digest(model: nn.Module) -> str:

@@ -164,30 +164,11 @@ def _head_prefixes(model: PreTrainedModel) -> list[str]:
     return prefixes
 
 
-def _output_prefix(model: PreTrainedModel) -> str:
-    """Name of the output layer: the head's last linear layer that gives one logit per label."""
-    heads = tuple(_head_prefixes(model))
-    pooler = f"{model.base_model_prefix}.pooler."
-    found = [name for name, module in model.named_modules()
-             if f"{name}.".startswith(heads) and not f"{name}.".startswith(pooler)
-             and isinstance(module, nn.Linear)
-             and module.out_features == model.config.num_labels]
-    if not found:
-        raise ModelError(
-            f"--trainable output: cannot find the output layer of {type(model).__name__} "
-            f"(a linear layer with {model.config.num_labels} outputs in its head); use "
-            "--trainable classifier"
-        )
-    return found[-1] + "."
-
-
 def set_trainable(model: PreTrainedModel, trainable: str, top_k: int) -> list[str]:
     """Freeze every parameter outside the selection and return the trainable names."""
     lora = trainable == "lora"
     if trainable == "all":
         prefixes = [""]
-    elif trainable == "output":
-        prefixes = [_output_prefix(model)]
     else:
         prefixes = _head_prefixes(model)
         if trainable == "top-k":

@@ -2,7 +2,6 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from fedsilo.common.config import ModelConfig
 from fedsilo.common.data import LabelMap
@@ -11,7 +10,6 @@ from fedsilo.common.model import (
     forward_logits,
     get_trainable_state,
     load_model,
-    set_trainable,
     set_trainable_state,
     trainable_names,
 )
@@ -35,20 +33,6 @@ def test_trainable_selection(tiny_bert):
     assert trainable_names(everything) == [n for n, _ in everything.named_parameters()]
     with pytest.raises(ModelError, match="--top-k 5"):
         _model(tiny_bert, trainable="top-k", top_k=5)
-
-
-def test_output_trains_only_the_layer_that_gives_the_logits(tiny_bert):
-    assert trainable_names(_model(tiny_bert, trainable="output")) == [
-        "classifier.weight", "classifier.bias"]
-    config = RobertaConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=32,
-                           max_position_embeddings=40, num_labels=3)
-    roberta = RobertaForSequenceClassification(config)  # head: dense → out_proj
-    assert set_trainable(roberta, "output", 1) == [
-        "classifier.out_proj.weight", "classifier.out_proj.bias"]
-    roberta.classifier.out_proj = torch.nn.Identity()
-    with pytest.raises(ModelError, match="--trainable output.*--trainable classifier"):
-        set_trainable(roberta, "output", 1)
 
 
 def test_same_seed_builds_the_same_new_head(tiny_bert):
