@@ -6,10 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsilo.common.config import FederationConfig
 from fedsilo.server import checkpoint
 from fedsilo.server.rounds import run_rounds
+from fedsilo.server.secagg import SecAggFedAvg
 from fedsilo.server.waiting import SUPERLINK_NODE_ID, Missing, PatientGrid
 
 
@@ -195,12 +199,6 @@ def test_federated_evaluation_runs_every_nth_round_and_after_the_last(first, eve
 
 
 def test_secagg_rounds_ask_for_evaluation_on_the_same_rounds():
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.client_proxy import ClientProxy
-
-    from fedsilo.common.config import FederationConfig
-    from fedsilo.server.secagg import SecAggFedAvg
-
     class Proxy(ClientProxy):
         get_properties = get_parameters = fit = evaluate = reconnect = None
 
