@@ -44,6 +44,11 @@ class ModelConfig(_Section):
         "classifier", description="which tensors train and travel: all, top-k encoder layers "
         "+ classifier, LoRA adapters + classifier, or classifier only"
     )
+    pooling: Literal["auto", "cls", "mean"] = Field(
+        "auto", description="what the classifier reads: cls (first token through the "
+        "BERT pooler), mean (masked mean of all tokens; BERT family) or auto (mean when "
+        "the checkpoint is a sentence-transformers mean-pooling model, else cls)"
+    )
     top_k: int = Field(2, ge=1, description="encoder layers trained when trainable=top-k")
     lora_rank: int = Field(8, ge=1, description="trainable=lora: rank of the adapters")
     lora_alpha: float = Field(16.0, gt=0, description="trainable=lora: adapter scaling α "

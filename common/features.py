@@ -3,10 +3,12 @@
 With ``--trainable classifier`` (the default) every encoder weight is frozen and never
 travels, so the encoder's output for an example is the same in every round. The
 head of the BERT and RoBERTa families reads only the first token's final hidden
-state, so that vector (computed once in eval mode, without dropout, as at
-prediction time) is all training and evaluation need. They then run the head
-alone: DP-SGD clips and noises the head's per-example gradients exactly as before,
-on inputs that are a fixed function of each record, so the guarantee is unchanged.
+state, and a mean-pooling classifier (:mod:`fedsilo.common.pooling`) only the
+masked mean of all tokens' states, so that vector (computed once in eval mode,
+without dropout, as at prediction time) is all training and evaluation need. They
+then run the head alone: DP-SGD clips and noises the head's per-example gradients
+exactly as before, on inputs that are a fixed function of each record, so the
+guarantee is unchanged.
 
 Features are cached on the institution's disk beside the tokenisation cache, keyed
 by the tokenised tensors and the frozen weights. A head this module does not know,
@@ -25,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsilo.common.model import encoder_kwargs, forward_logits, trainable_names
+from fedsilo.common.pooling import MeanPoolBertForSequenceClassification, mean_pool
 from fedsilo.common.tensor_files import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ _BATCH = 256
 
 
 class Head(nn.Module):
-    """The classification head of a sequence classifier, fed first-token features.
+    """The classification head of a sequence classifier, fed its pooled features.
 
     Its parameters are the classifier's own (shared, not copied): training the head
     trains the model.
@@ -45,7 +48,10 @@ class Head(nn.Module):
         super().__init__()
         base = model.base_model
         pooler = getattr(base, "pooler", None)
-        if pooler is not None and isinstance(getattr(model, "classifier", None), nn.Linear):
+        self.mean = isinstance(model, MeanPoolBertForSequenceClassification)
+        if self.mean:
+            self.pooler, self.dropout = None, model.dropout  # mean → dropout → linear
+        elif pooler is not None and isinstance(getattr(model, "classifier", None), nn.Linear):
             self.pooler: nn.Module | None = pooler  # BERT family: pooler → dropout → linear
             self.dropout: nn.Module = getattr(model, "dropout", nn.Identity())
         elif hasattr(getattr(model, "classifier", None), "out_proj"):
@@ -55,7 +61,9 @@ class Head(nn.Module):
         self.classifier = model.classifier
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of first-token hidden states, shape ``(batch, hidden)``."""
+        """Logits for a batch of pooled hidden states, shape ``(batch, hidden)``."""
+        if self.mean:
+            return self.classifier(self.dropout(features))
         states = features[:, None, :]  # the heads index token 0 of (batch, tokens, hidden)
         if self.pooler is None:
             return self.classifier(states)
@@ -93,15 +101,21 @@ def frozen_digest(model: nn.Module) -> str:
 
 @torch.inference_mode()
 def extract(model: nn.Module, tokens: TensorDataset, device: torch.device) -> TensorDataset:
-    """First-token final hidden states of ``(input_ids, mask, label)`` → ``(features, label)``."""
+    """Pooled final hidden states of ``(input_ids, mask, label)`` → ``(features, label)``.
+
+    The first token's state, or the masked mean of all tokens' for a mean-pooling model.
+    """
     was_training = model.training
     model.eval()
     out = []
+    mean = isinstance(model, MeanPoolBertForSequenceClassification)
     for input_ids, mask, _ in DataLoader(tokens, batch_size=_BATCH):
         input_ids, mask = input_ids.to(device), mask.to(device)
         hidden = model.base_model(input_ids=input_ids, attention_mask=mask,
                                   **encoder_kwargs(model, input_ids, mask))
-        out.append(hidden.last_hidden_state[:, 0].float().cpu())
+        states = hidden.last_hidden_state
+        pooled = mean_pool(states, mask) if mean else states[:, 0]
+        out.append(pooled.float().cpu())
     model.train(was_training)
     hidden_size = int(model.config.hidden_size)
     features = torch.cat(out) if out else torch.empty(0, hidden_size)
@@ -154,7 +168,7 @@ def prepare(model: nn.Module, datasets: list[TensorDataset], device: torch.devic
             folder: Path | None) -> tuple[nn.Module, list[TensorDataset]]:
     """The module to train and evaluate, and its inputs for each tokenised dataset.
 
-    The model's :class:`Head` on cached first-token features when only the head
+    The model's :class:`Head` on cached pooled features when only the head
     trains and it reproduces the full model's logits; otherwise the model itself on
     the tokens. ``model`` is moved to ``device``.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -18,10 +19,13 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import cached_file
 
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig
 from fedsilo.common.data import LabelMap
 from fedsilo.common.lora import LORA_MARK, add_lora
+from fedsilo.common.pooling import MODEL_TYPE as MEAN_POOL_TYPE
+from fedsilo.common.pooling import MeanPoolBertConfig, MeanPoolBertForSequenceClassification
 
 log = logging.getLogger("fedsilo.model")
 
@@ -111,6 +115,7 @@ def load_model(cfg: ModelConfig, labels: LabelMap, seed: int) -> PreTrainedModel
                     "has %d; the head is replaced by a new one (initialised from seed %d) "
                     "and its trained weights are not used", cfg.model, saved.num_labels,
                     labels.num_labels, seed)
+    mean = resolve_pooling(cfg, path, saved) == "mean"
     try:
         hf_config = AutoConfig.from_pretrained(
             path,
@@ -119,9 +124,15 @@ def load_model(cfg: ModelConfig, labels: LabelMap, seed: int) -> PreTrainedModel
             label2id=labels.label2id,
         )
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=hf_config, ignore_mismatched_sizes=True
-        )
+        if mean:
+            fields = {k: v for k, v in hf_config.to_dict().items() if k != "model_type"}
+            model = MeanPoolBertForSequenceClassification.from_pretrained(
+                path, config=MeanPoolBertConfig(**fields), ignore_mismatched_sizes=True
+            )
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=hf_config, ignore_mismatched_sizes=True
+            )
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(_load_hint(cfg.model, err)) from None
     if cfg.trainable == "lora":
@@ -132,6 +143,48 @@ def load_model(cfg: ModelConfig, labels: LabelMap, seed: int) -> PreTrainedModel
             raise ModelError(f"--lora-targets {cfg.lora_targets!r}: {err}") from None
     set_trainable(model, cfg.trainable, cfg.top_k)
     return model
+
+
+def resolve_pooling(cfg: ModelConfig, path: str, saved: PretrainedConfig) -> str:
+    """``cls`` or ``mean``: what ``--pooling`` (``auto`` resolved) means for this checkpoint.
+
+    ``auto`` is ``mean`` for a checkpoint fedsilo trained with mean pooling, and for a
+    BERT sentence-transformers checkpoint whose ``1_Pooling/config.json`` asks for
+    mean pooling (the default all-MiniLM-L6-v2 does); otherwise ``cls``.
+
+    Raises
+    ------
+    ModelError
+        If ``--pooling mean`` is asked of a model outside the BERT family, or
+        ``--pooling cls`` of a mean-pooling checkpoint.
+    """
+    if saved.model_type == MEAN_POOL_TYPE:
+        if cfg.pooling == "cls":
+            raise ModelError(f"--pooling cls: {cfg.model!r} is a mean-pooling classifier "
+                             "(trained with --pooling mean); use --pooling mean or auto")
+        return "mean"
+    if cfg.pooling == "cls" or (cfg.pooling == "auto" and not _declares_mean(path)):
+        return "cls"
+    if saved.model_type != "bert":
+        if cfg.pooling == "auto":
+            return "cls"
+        raise ModelError(f"--pooling mean: {cfg.model!r} is a {saved.model_type!r} model; "
+                         "mean pooling is available for BERT-family checkpoints only; "
+                         "use --pooling cls")
+    return "mean"
+
+
+def _declares_mean(path: str) -> bool:
+    """Whether the checkpoint's sentence-transformers pooling config is mean pooling."""
+    try:
+        found = cached_file(path, "1_Pooling/config.json",
+                            _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        modes = json.loads(Path(found).read_text("utf-8")) if found else {}
+    except (OSError, ValueError):
+        return False
+    chosen = {k for k, v in modes.items() if k.startswith("pooling_mode_") and v is True}
+    return chosen == {"pooling_mode_mean_tokens"}
 
 
 def _load_hint(name: str, err: Exception) -> str:

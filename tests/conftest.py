@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,18 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         max_position_embeddings=128, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_st_bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT as a sentence-transformers folder that asks for mean pooling."""
+    folder = tmp_path_factory.mktemp("tiny-st") / "model"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}))
     return folder
 
 

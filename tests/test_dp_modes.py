@@ -25,8 +25,9 @@ def _data(n: int = 12, length: int = 10) -> TensorDataset:
     return TensorDataset(ids, mask, torch.randint(0, 3, (n,)))
 
 
-def _model(tiny_bert, trainable: str) -> nn.Module:
-    return load_model(ModelConfig(model=str(tiny_bert), trainable=trainable, top_k=1),
+def _model(tiny_bert, trainable: str, pooling: str = "auto") -> nn.Module:
+    return load_model(ModelConfig(model=str(tiny_bert), trainable=trainable, top_k=1,
+                                  pooling=pooling),
                       LabelMap.from_names(["a", "b", "c"]), seed=0)
 
 
@@ -58,9 +59,10 @@ def _clipped_gradients(model: nn.Module, data: TensorDataset, mode: str,
     return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
 
 
-@pytest.mark.parametrize("trainable", ["all", "top-k"])
-def test_ghost_clipping_matches_per_sample_hooks(tiny_bert, trainable):
-    model, data = _model(tiny_bert, trainable), _data()
+@pytest.mark.parametrize(("trainable", "pooling"), [("all", "cls"), ("top-k", "cls"),
+                                                     ("all", "mean")])
+def test_ghost_clipping_matches_per_sample_hooks(tiny_bert, trainable, pooling):
+    model, data = _model(tiny_bert, trainable, pooling), _data()
     # A small norm makes every per-example gradient hit the clip.
     reference = _clipped_gradients(model, data, "hooks", max_grad_norm=0.05)
     ghost = _clipped_gradients(model, data, "ghost", max_grad_norm=0.05)

@@ -34,9 +34,10 @@ def hospital_csv(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_two_institution_dp_federation_end_to_end(tiny_bert, hospital_csv, tmp_path):
+def test_two_institution_dp_federation_end_to_end(tiny_st_bert, hospital_csv, tmp_path):
     out = tmp_path / "run"
-    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_bert),
+    # A mean-pooling sentence-transformers folder, like the default MiniLM.
+    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_st_bert),
                 "--data", str(hospital_csv), "--text-column", "description",
                 "--label-column", "chapter", "--partition", "column",
                 "--learning-rate", "0.01", "--batch-size", "32", "--target-epsilon", "6",
@@ -65,7 +66,10 @@ def test_two_institution_dp_federation_end_to_end(tiny_bert, hospital_csv, tmp_p
     eps = [rounds[k]["institutions"]["hospital-a"]["epsilon"] for k in (1, 2)]
     assert eps[0] < eps[1]  # cumulative, not per round
 
-    classify = pipeline("text-classification", model=str(out / "model"), device="cpu")
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["model_type"] == "fedsilo_mean_bert"
+    classify = pipeline("text-classification", model=str(out / "model"), device="cpu",
+                        trust_remote_code=True)
     prediction = classify("Fracture of left femur")[0]
     assert prediction["label"] in metrics["labels"]
     assert (out / "run.log").stat().st_size > 0
