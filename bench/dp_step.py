@@ -7,6 +7,14 @@ median ratios to the non-private step measured in the same run. ``head-features`
 is what the default (``--trainable classifier``) runs in a federation: the head
 alone on the frozen encoder's cached features of that batch.
 
+Peak memory is what training adds to the loaded model: on a GPU the growth of CUDA
+allocated bytes over the timed steps. On a CPU it is the growth of the resident set
+(``VmHWM`` over ``VmRSS``) from before the first step (so it counts gradients,
+per-sample gradients, optimizer state and activations) through a second, measured
+in a second process whose glibc has a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_``):
+otherwise freed memory stays resident for reuse and the growth depends on which
+mode ran before. That setting slows allocation, so times come from the first pass.
+
     .venv/bin/python bench/dp_step.py            # writes bench/results/dp_step.{json,md}
 """
 
@@ -14,8 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -34,10 +46,17 @@ from fedsilo.common.model import load_model
 
 MODES = ("ghost", "hooks", "functorch", "ew")
 TRAINABLE = ("all", "top-k", "lora", "classifier", "head-features")
+#: Every allocation of 64 KiB or more is its own mapping, unmapped when freed.
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int) -> tuple[float, int]:
-    """Seconds per step (after one warm-up step) and peak extra bytes of ``steps`` steps."""
+def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int,
+         cold: bool = False) -> tuple[float, int]:
+    """Seconds per step (after one warm-up step) and peak extra bytes of ``steps`` steps.
+
+    ``cold``: the peak counts from before the warm-up step, so it includes what the
+    first step allocates and keeps (gradients, per-sample gradients, optimizer state).
+    """
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     criterion = nn.CrossEntropyLoss()
@@ -60,13 +79,50 @@ def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int) -> tuple[
         criterion(logits(model, *batch[:-1]), batch[-1]).backward()
         optimizer.step()
 
+    cold_base = reset_peak() if cold else 0
     step()  # warm-up: allocations, hooks
-    base = reset_peak()
+    base = cold_base or reset_peak()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - start) / steps
     return seconds, max(peak() - base, 0)
+
+
+def _measure(args: argparse.Namespace, trainable: str
+             ) -> tuple[dict[str, list[tuple[float, int]]], dict[str, str]]:
+    """``(seconds, peak bytes)`` samples per mode for one trainable set, and failures."""
+    labels = LabelMap.from_names([f"c{i}" for i in range(22)])
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randint(1000, 20000, (args.batch, args.seq)),
+                         torch.ones(args.batch, args.seq, dtype=torch.long),
+                         torch.randint(0, 22, (args.batch,)))
+    base = "classifier" if trainable == "head-features" else trainable
+    model, inputs = load_model(ModelConfig(trainable=base), labels, seed=0), data
+    if trainable == "head-features":
+        model, inputs = features.Head(model), features.extract(model, data, torch.device("cpu"))
+    samples: dict[str, list[tuple[float, int]]] = {m: [] for m in ("none", *MODES)}
+    errors: dict[str, str] = {}
+    for _ in range(args.repeats):
+        for mode in samples:  # alternate modes within each repeat
+            if mode in errors:
+                continue
+            try:
+                samples[mode].append(_run(model, inputs, mode, args.steps,
+                                          cold=args.memory_pass))
+            except Exception as err:  # noqa: BLE001 - an unsupported mode is a result
+                errors[mode] = f"{type(err).__name__}: {str(err)[:200]}"
+            logging.info("%s %s %s", trainable, mode, samples[mode][-1:] or errors[mode])
+    return samples, errors
+
+
+def _cpu_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """Peak bytes per trainable set and mode, from a process with a fixed mmap threshold."""
+    cmd = [sys.executable, __file__, "--memory-pass", "--batch", str(args.batch),
+           "--seq", str(args.seq), "--trainable", *args.trainable]
+    done = subprocess.run(cmd, env={**os.environ, **MMAP_ENV}, check=True, text=True,
+                          stdout=subprocess.PIPE)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -77,32 +133,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--trainable", nargs="+", default=list(TRAINABLE), choices=TRAINABLE)
+    parser.add_argument("--memory-pass", action="store_true",
+                        help="internal: print one step's peak bytes per set and mode as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    labels = LabelMap.from_names([f"c{i}" for i in range(22)])
-    torch.manual_seed(0)
-    data = TensorDataset(torch.randint(1000, 20000, (args.batch, args.seq)),
-                         torch.ones(args.batch, args.seq, dtype=torch.long),
-                         torch.randint(0, 22, (args.batch,)))
+    if args.memory_pass:
+        args.steps, args.repeats = 1, 1
+        print(json.dumps({t: {m: v[0][1] for m, v in _measure(args, t)[0].items() if v}
+                          for t in args.trainable}))
+        return
+    measured = {t: _measure(args, t) for t in args.trainable}
+    cpu_peaks = None if torch.cuda.is_available() else _cpu_peaks(args)
     results: list[dict[str, Any]] = []
     rows = []
-    for trainable in args.trainable:
-        base = "classifier" if trainable == "head-features" else trainable
-        model, inputs = load_model(ModelConfig(trainable=base), labels, seed=0), data
-        if trainable == "head-features":
-            model, inputs = features.Head(model), features.extract(model, data,
-                                                                  torch.device("cpu"))
-        samples: dict[str, list[tuple[float, int]]] = {m: [] for m in ("none", *MODES)}
-        errors: dict[str, str] = {}
-        for _ in range(args.repeats):
-            for mode in samples:  # alternate modes within each repeat
-                if mode in errors:
-                    continue
-                try:
-                    samples[mode].append(_run(model, inputs, mode, args.steps))
-                except Exception as err:  # noqa: BLE001 - an unsupported mode is a result
-                    errors[mode] = f"{type(err).__name__}: {str(err)[:200]}"
-                logging.info("%s %s %s", trainable, mode, samples[mode][-1:] or errors[mode])
+    for trainable, (samples, errors) in measured.items():
+        if cpu_peaks is not None:
+            samples = {m: [(s, cpu_peaks[trainable][m]) for s, _ in v]
+                       for m, v in samples.items()}
         base_s = statistics.median(s for s, _ in samples["none"])
         base_m = statistics.median(m for _, m in samples["none"])
         for mode, values in samples.items():
@@ -122,7 +169,8 @@ def main() -> None:
                              "n/a" if mem_ratio is None else f"{mem_ratio:.2f}"])
             results.append(entry)
     table = markdown(["trainable", "mode", "s/step", "time ×", "peak MiB", "memory ×"], rows)
-    path = write("dp_step", {"settings": vars(args), "results": results}, table)
+    settings = vars(args) | {"cpu_memory_env": None if cpu_peaks is None else MMAP_ENV}
+    path = write("dp_step", {"settings": settings, "results": results}, table)
     print(table)
     logging.info("wrote %s", path)
 
