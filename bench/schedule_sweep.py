@@ -6,10 +6,11 @@ run can be replayed in one process in seconds: the demo's three institutions
 (their exact shares, features computed once), each running fedsilo's own DP-SGD
 round (:func:`fedsilo.client.train.train_private`, noise calibrated by
 :func:`fedsilo.client.privacy.plan` for the whole run), averaged by FedAvg weighted
-by examples, evaluated on the demo's holdout. Every schedule (rounds × local
-epochs), expected batch size and learning rate is run ``--repeats`` times (the DP
-noise differs between repeats), beside a centralized non-private run on the pooled
-shares with the same number of epochs (at the demo's batch size and learning rate).
+by examples, evaluated on the demo's holdout. Every pooling (``--pooling`` mean, the
+default's choice for MiniLM, and cls), schedule (rounds × local epochs), expected
+batch size and learning rate is run ``--repeats`` times (the DP noise differs
+between repeats), beside a centralized non-private run on the pooled shares with
+the same number of epochs (at the demo's batch size and learning rate).
 ``bench/utility.py`` then measures the chosen schedule end to end.
 
     .venv/bin/python bench/schedule_sweep.py   # writes bench/results/schedule_sweep.{json,md}
@@ -92,6 +93,8 @@ def run(head: Head, initial: dict[str, torch.Tensor], cfg: FedsiloConfig,
 def main() -> None:
     """Run the sweep and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--poolings", nargs="+", default=["mean", "cls"],
+                        choices=["mean", "cls"])
     parser.add_argument("--schedules", nargs="+", default=["3x1", "3x3", "5x3", "10x3"],
                         help="ROUNDSxEPOCHS")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
@@ -105,28 +108,34 @@ def main() -> None:
     sim = simulation()
     base = sim.resolve_config(sim.build_parser().parse_args([]))
     started = time.monotonic()
-    head, shares, holdout = features(base)
-    initial = get_trainable_state(head)
-    pooled = [TensorDataset(*(torch.cat(t) for t in zip(*(d.tensors for d in shares),
-                                                          strict=True)))]
     schedules = [tuple(int(x) for x in s.split("x")) for s in args.schedules]
-    central = {(r, e): run(head, initial, base.replace(num_rounds=r, local_epochs=e),
-                           pooled, holdout, dp=False) for r, e in schedules}
     results, rows = [], []
-    for (rounds, epochs), bs, lr in itertools.product(schedules, args.batch_sizes,
-                                                      args.learning_rates):
-        setting = {"rounds": rounds, "epochs": epochs, "batch_size": bs, "learning_rate": lr}
-        cfg = base.replace(num_rounds=rounds, local_epochs=epochs, batch_size=bs,
-                           learning_rate=lr)
-        accs = [run(head, initial, cfg, shares, holdout, dp=True)
-                for _ in range(args.repeats)]
-        pooled_acc = central[rounds, epochs]
-        results.append({**setting, "epsilon": cfg.privacy.target_epsilon,
-                        "federated_accuracies": accs, "centralized_no_dp_accuracy": pooled_acc})
-        rows.append([f"{rounds} × {epochs}", bs, lr, f"{statistics.mean(accs):.3f}",
-                     f"{min(accs):.3f}–{max(accs):.3f}", f"{pooled_acc:.3f}"])
-        logging.info("%s: ε = 8 federated %s, centralized %.3f", setting, accs, pooled_acc)
-    table = markdown(["rounds × local epochs", "batch", "learning rate",
+    for pooling in args.poolings:
+        head, shares, holdout = features(base.replace(pooling=pooling))
+        initial = get_trainable_state(head)
+        pooled = [TensorDataset(*(torch.cat(t) for t in zip(*(d.tensors for d in shares),
+                                                              strict=True)))]
+        central = {(r, e): run(head, initial, base.replace(num_rounds=r, local_epochs=e),
+                               pooled, holdout, dp=False) for r, e in schedules}
+        for (rounds, epochs), bs, lr in itertools.product(schedules, args.batch_sizes,
+                                                          args.learning_rates):
+            setting = {"pooling": pooling,
+                       "head_parameters": sum(p.numel() for p in head.parameters()),
+                       "rounds": rounds, "epochs": epochs, "batch_size": bs,
+                       "learning_rate": lr}
+            cfg = base.replace(num_rounds=rounds, local_epochs=epochs, batch_size=bs,
+                               learning_rate=lr)
+            accs = [run(head, initial, cfg, shares, holdout, dp=True)
+                    for _ in range(args.repeats)]
+            pooled_acc = central[rounds, epochs]
+            results.append({**setting, "epsilon": cfg.privacy.target_epsilon,
+                            "federated_accuracies": accs,
+                            "centralized_no_dp_accuracy": pooled_acc})
+            rows.append([pooling, f"{rounds} × {epochs}", bs, lr,
+                         f"{statistics.mean(accs):.3f}", f"{min(accs):.3f}–{max(accs):.3f}",
+                         f"{pooled_acc:.3f}"])
+            logging.info("%s: ε = 8 federated %s, centralized %.3f", setting, accs, pooled_acc)
+    table = markdown(["pooling", "rounds × local epochs", "batch", "learning rate",
                       "ε = 8 federated accuracy (mean)", "range", "centralized no-DP"], rows)
     path = write("schedule_sweep", {"institutions": INSTITUTIONS, "repeats": args.repeats,
                                     "examples": [len(d) for d in shares],
