@@ -25,6 +25,9 @@ SCHEMA = "fedsilo.checkpoint/1"
 STATE_ATTRIBUTES = ("m_t", "v_t")
 #: Settings that may differ between the interrupted run and its resumption.
 MAY_DIFFER = ("resume", "join-timeout", "round-timeout", "straggler-timeout")
+#: Settings added after the first checkpoints, each with the value that reproduces a
+#: run checkpointed before it existed (until ``pooling``, every head was ``cls``).
+ADDED_LATER = {"pooling": "cls"}
 
 
 class CheckpointError(ValueError):
@@ -99,11 +102,16 @@ def load(folder: Path) -> Checkpoint:
 
 
 def check_settings(ckpt: Checkpoint, flat: dict[str, Any], path: Path) -> None:
-    """Refuse to resume with settings other than the interrupted run's."""
-    differ = sorted(k for k in set(flat) | set(ckpt.config)
-                    if k not in MAY_DIFFER and flat.get(k) != ckpt.config.get(k))
+    """Refuse to resume with settings other than the interrupted run's.
+
+    A setting in :data:`ADDED_LATER` that an older checkpoint lacks counts as the
+    value that reproduces that run.
+    """
+    saved = {**{k: v for k, v in ADDED_LATER.items() if k in flat}, **ckpt.config}
+    differ = sorted(k for k in set(flat) | set(saved)
+                    if k not in MAY_DIFFER and flat.get(k) != saved.get(k))
     if differ:
-        shown = ", ".join(f"{k} (checkpoint {ckpt.config.get(k)!r}, now {flat.get(k)!r})"
+        shown = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {flat.get(k)!r})"
                           for k in differ)
         raise CheckpointError(f"--resume: {path} was written with other settings: {shown}. "
                               "Resume with the interrupted run's settings")

@@ -145,6 +145,15 @@ def test_resume_errors_name_the_flag_and_the_differing_settings(tmp_path: Path):
         checkpoint.check_settings(ckpt, {"num-rounds": 5, "resume": True}, tmp_path)
 
 
+def test_a_checkpoint_older_than_the_pooling_setting_resumes_with_the_cls_head(tmp_path: Path):
+    old = _ckpt()  # its settings predate --pooling: the CLS head was the only one
+    assert "pooling" not in old.config
+    checkpoint.check_settings(old, {"num-rounds": 3, "pooling": "cls"}, tmp_path)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"pooling \(checkpoint 'cls', now 'auto'\)"):
+        checkpoint.check_settings(old, {"num-rounds": 3, "pooling": "auto"}, tmp_path)
+
+
 def test_each_train_reply_is_handed_on_as_it_arrives_late_and_evaluate_ones_are_not():
     seen = []
     grid, _, late = _grid({11: 0, 12: 0, 13: 0.6}, min_replies=2, straggler_timeout=0.2,
