@@ -14,6 +14,9 @@ The centralized run's single institution must keep a local test split
 handful of the pooled records (the count is in the JSON).
 
     .venv/bin/python bench/utility.py   # writes bench/results/utility.{json,md}
+    # a variant: FedAvgM in the federated runs only, 10 rounds everywhere
+    .venv/bin/python bench/utility.py --name utility-fedavgm --epsilons 8 \
+        --federated-flags "--strategy fedavgm" -- --num-rounds 10
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -85,6 +89,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--out", type=Path, default=RESULTS / "utility-runs")
+    parser.add_argument("--name", default="utility",
+                        help="results file name in bench/results (for variants)")
+    parser.add_argument("--federated-flags", default="",
+                        help="flags for the federated runs only, e.g. '--strategy fedavgm'")
     parser.add_argument("extra", nargs="*", help="more flags for every run, after --")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -95,9 +103,10 @@ def main() -> None:
     central_flags, facts = pooled_data(cfg, args.out.resolve() / "data")
     logging.info("pooled data: %s", facts)
     started = time.monotonic()
-    results = [_run(f"federated-eps-{e:g}", ["--target-epsilon", str(e)], args.out, common)
+    federated = [*common, *shlex.split(args.federated_flags)]
+    results = [_run(f"federated-eps-{e:g}", ["--target-epsilon", str(e)], args.out, federated)
                for e in args.epsilons]
-    results.append(_run("federated-no-dp", ["--no-dp"], args.out, common))
+    results.append(_run("federated-no-dp", ["--no-dp"], args.out, federated))
     results.append(_run("centralized-no-dp", central_flags, args.out, common))
     central = results[-1]["accuracy"]
     rows = [[r["setting"], "∞" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}",
@@ -111,8 +120,9 @@ def main() -> None:
     target = {"federated_eps8_gap_points": gap, "limit_points": TARGET_POINTS,
               "met": None if gap is None else gap <= TARGET_POINTS}
     settings = {"institutions": INSTITUTIONS, "rounds": cfg.federation.num_rounds,
-                "local_epochs": cfg.train.local_epochs, "common_flags": common}
-    path = write("utility", {"settings": settings,
+                "local_epochs": cfg.train.local_epochs, "common_flags": common,
+                "federated_flags": args.federated_flags}
+    path = write(args.name, {"settings": settings,
                              "pooled_data": facts, "target": target, "results": results,
                              "total_seconds": time.monotonic() - started}, table)
     print(table)

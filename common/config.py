@@ -134,8 +134,12 @@ class FederationConfig(_Section):
     """Coordinator-side round settings."""
 
     num_rounds: int = Field(3, ge=1, description="federated rounds")
-    strategy: Literal["fedavg", "fedadam"] = Field("fedavg", description="aggregation")
+    strategy: Literal["fedavg", "fedavgm", "fedadam"] = Field(
+        "fedavg", description="aggregation: fedavg, fedavgm (FedAvg with server momentum) "
+        "or fedadam (server-side Adam)")
     server_learning_rate: float = Field(0.05, gt=0, description="FedAdam server step size")
+    server_momentum: float = Field(0.5, ge=0, lt=1, description="FedAvgM momentum on the "
+                                   "averaged update (server step 1)")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of institutions "
                                   "sampled per round")
     min_train: int = Field(2, ge=1, description="minimum institutions per round")

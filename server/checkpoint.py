@@ -21,8 +21,10 @@ import numpy as np
 
 FILE = "checkpoint.npz"
 SCHEMA = "fedsilo.checkpoint/1"
-#: Strategy attributes that carry state from round to round (Flower's FedOpt family).
-STATE_ATTRIBUTES = ("m_t", "v_t")
+#: Strategy attributes that carry state from round to round: FedAdam's moments (dicts
+#: by tensor name) and FedAvgM's momentum (a list in tensor order).
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+_LISTS = ("momentum_vector",)
 #: Settings that may differ between the interrupted run and its resumption.
 MAY_DIFFER = ("resume", "join-timeout", "round-timeout", "straggler-timeout")
 #: Settings added after the first checkpoints, each with the value that reproduces a
@@ -119,8 +121,12 @@ def check_settings(ckpt: Checkpoint, flat: dict[str, Any], path: Path) -> None:
 
 def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:
     """The strategy's round-to-round state (empty for FedAvg)."""
-    return {attr: dict(getattr(strategy, attr)) for attr in STATE_ATTRIBUTES
-            if getattr(strategy, attr, None)}
+    state = {}
+    for attr in STATE_ATTRIBUTES:
+        value = getattr(strategy, attr, None)
+        if value:
+            state[attr] = dict(enumerate(value) if attr in _LISTS else value)
+    return {attr: {str(k): v for k, v in tensors.items()} for attr, tensors in state.items()}
 
 
 def restore_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarray]]) -> None:
@@ -129,4 +135,7 @@ def restore_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarr
         if attr not in STATE_ATTRIBUTES or not hasattr(strategy, attr):
             raise CheckpointError(f"--resume: the checkpoint holds {attr!r} state that strategy "
                                   f"{type(strategy).__name__} does not use")
-        setattr(strategy, attr, dict(tensors))
+        if attr in _LISTS:
+            setattr(strategy, attr, [tensors[str(i)] for i in range(len(tensors))])
+        else:
+            setattr(strategy, attr, dict(tensors))

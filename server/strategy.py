@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.server.client_dp import build_client_level_strategy
@@ -22,6 +22,12 @@ def _mean_train_loss(records: list[RecordDict], weight_key: str) -> MetricRecord
 
 class ReportingFedAvg(ReportingMixin, FedAvg):
     """FedAvg weighted by examples, reporting each institution."""
+
+    fold_updates = True
+
+
+class ReportingFedAvgM(ReportingMixin, FedAvgM):
+    """FedAvg with server momentum on the averaged update, reporting each institution."""
 
     fold_updates = True
 
@@ -47,6 +53,10 @@ def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
     }
     if cfg.privacy.dp and cfg.privacy.dp_level == "client":
         return build_client_level_strategy(cfg, report, common)
+    if fed.strategy == "fedavgm":
+        return ReportingFedAvgM(**common, server_learning_rate=1.0,
+                                server_momentum=fed.server_momentum, report=report,
+                                train=cfg.train)
     if fed.strategy == "fedadam":
         return ReportingFedAdam(**common, eta=fed.server_learning_rate, report=report,
                                 train=cfg.train)
