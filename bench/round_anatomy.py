@@ -88,6 +88,7 @@ def run_deployment(root: Path, args: argparse.Namespace,
     server_cmd = [str(BIN / "flower-server"), "--pki", str(root / "pki"), "--state-dir",
                   str(root / "state"), "--host", "127.0.0.1", "--port", str(port),
                   "--num-rounds", str(args.rounds), "--local-epochs", str(args.local_epochs),
+                  "--strategy", args.strategy,
                   "--min-available", "2", "--min-train", "2",
                   "--max-examples", str(args.examples), "--eval-data", str(holdout),
                   "--output-dir", str(out),
@@ -167,6 +168,7 @@ def main() -> None:
     demo = simulation().DEMO_DEFAULTS
     parser.add_argument("--rounds", type=int, default=demo["num-rounds"])
     parser.add_argument("--local-epochs", type=int, default=demo["local-epochs"])
+    parser.add_argument("--strategy", default=demo["strategy"])
     parser.add_argument("--examples", type=int, default=demo["max-examples"],
                         help="cap on training examples per institution (the demo's "
                         "--max-examples)")

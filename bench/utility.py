@@ -2,10 +2,11 @@
 """Utility vs privacy on ICD-10: federated at ε ∈ {1, 3, 8, ∞} and centralized, same epochs.
 
 Each federated setting is the README demo (3 institutions, Dirichlet α = 0.5, the
-demo's example cap, rounds and local epochs) at one privacy level. "Centralized"
-is one institution, without DP, holding the pooled training data of those three
-institutions (their exact training records, written to a CSV), trained for the same
-rounds × local epochs, i.e. the same number of passes over every record. All runs
+demo's example cap, rounds, local epochs and strategy) at one privacy level.
+"Centralized" is one institution, without DP, holding the pooled training data of
+those three institutions (their exact training records, written to a CSV), trained
+for the same rounds × local epochs, i.e. the same number of passes over every
+record, with plain FedAvg (no server optimizer on a single update). All runs
 evaluate on the same coordinator holdout (the demo's, written to a CSV for the
 centralized run), so accuracies compare directly.
 
@@ -14,9 +15,9 @@ The centralized run's single institution must keep a local test split
 handful of the pooled records (the count is in the JSON).
 
     .venv/bin/python bench/utility.py   # writes bench/results/utility.{json,md}
-    # a variant: FedAvgM in the federated runs only, 10 rounds everywhere
-    .venv/bin/python bench/utility.py --name utility-fedavgm --epsilons 8 \
-        --federated-flags "--strategy fedavgm" -- --num-rounds 10
+    # a variant: plain FedAvg in the federated runs too
+    .venv/bin/python bench/utility.py --name utility-fedavg --epsilons 8 \
+        --federated-flags "--strategy fedavg"
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def pooled_data(cfg: FedsiloConfig, out: Path) -> tuple[list[str], dict[str, Any
     facts = {"institution_train_examples": [len(s) for s in shares],
              "pooled_examples": write_csv(pooled, *shares),
              "holdout_examples": write_csv(held, holdout)}
-    flags = ["--no-dp", "--institutions", "1", "--data", str(pooled), "--partition", "iid",
+    # Plain training: FedAvg over one institution is its own update (no server momentum).
+    flags = ["--no-dp", "--strategy", "fedavg", "--institutions", "1", "--data", str(pooled),
+             "--partition", "iid",
              "--max-examples", "0", "--test-fraction", "0.001", "--holdout-fraction", "0",
              "--eval-data", str(held), "--labels", json.dumps(list(cfg.data.labels))]
     return flags, facts

@@ -378,3 +378,17 @@ def test_head_with_other_label_count_is_replaced_and_says_so(
     logs.clear()
     load_model(cfg, LabelMap.from_names(["a", "b"]), seed=7)
     assert not [r for r in logs.records if r.levelname == "WARNING"]
+
+
+def test_demo_momentum_default_gives_way_to_settings_that_need_plain_fedavg(
+        sim_module: ModuleType) -> None:
+    def strategy(*argv: str) -> str:
+        args = sim_module.build_parser().parse_args(list(argv))
+        return sim_module.resolve_config(args).federation.strategy
+
+    assert strategy() == "fedavgm"  # the demo's default
+    assert strategy("--secure-aggregation") == "fedavg"
+    assert strategy("--dp-level", "client") == "fedavg"
+    assert strategy("--no-dp", "--dp-level", "client") == "fedavgm"  # no client-level DP
+    with pytest.raises(ConfigError, match="fedavg' only"):  # asked for: refused, named
+        strategy("--secure-aggregation", "--strategy", "fedavgm")
