@@ -79,9 +79,10 @@ def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int,
         criterion(logits(model, *batch[:-1]), batch[-1]).backward()
         optimizer.step()
 
-    cold_base = reset_peak() if cold else 0
+    base = reset_peak()
     step()  # warm-up: allocations, hooks
-    base = cold_base or reset_peak()
+    if not cold:
+        base = reset_peak()
     start = time.perf_counter()
     for _ in range(steps):
         step()

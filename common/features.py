@@ -46,8 +46,7 @@ class Head(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        base = model.base_model
-        pooler = getattr(base, "pooler", None)
+        pooler = getattr(model.base_model, "pooler", None)
         self.mean = isinstance(model, MeanPoolBertForSequenceClassification)
         if self.mean:
             self.pooler, self.dropout = None, model.dropout  # mean → dropout → linear

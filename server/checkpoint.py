@@ -125,8 +125,9 @@ def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:
     for attr in STATE_ATTRIBUTES:
         value = getattr(strategy, attr, None)
         if value:
-            state[attr] = dict(enumerate(value) if attr in _LISTS else value)
-    return {attr: {str(k): v for k, v in tensors.items()} for attr, tensors in state.items()}
+            items = enumerate(value) if attr in _LISTS else value.items()
+            state[attr] = {str(k): v for k, v in items}
+    return state
 
 
 def restore_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarray]]) -> None:
