@@ -129,7 +129,7 @@ def _seed_runs(seed: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]
 
 
 def _span(values: list[float], fmt: str) -> str:
-    return f"{min(values):{fmt}}–{max(values):{fmt}}" if len(values) > 1 else ""
+    return f"{min(values):{fmt}} to {max(values):{fmt}}" if len(values) > 1 else ""
 
 
 def _table(results: list[dict[str, Any]]) -> str:
