@@ -164,7 +164,7 @@ def main() -> None:
                         help="flags for the federated runs only, e.g. '--strategy fedavgm'")
     parser.add_argument("extra", nargs="*", help="more flags for every run, after --")
     args = parser.parse_args()
-    if "--seed" in args.extra:
+    if any(a == "--seed" or a.startswith("--seed=") for a in args.extra):
         raise SystemExit("bench/utility.py: give seeds with --seeds, not --seed after --")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.monotonic()
@@ -177,7 +177,8 @@ def main() -> None:
     gaps = [-r["vs_centralized_points"] for r in results if r["setting"] == "federated-eps-8"]
     gap = statistics.mean(gaps) if gaps else None
     target = {"federated_eps8_gap_points": gap, "per_seed_gap_points": gaps,
-              "limit_points": TARGET_POINTS, "met": None if gap is None else gap <= TARGET_POINTS}
+              "limit_points": TARGET_POINTS, "met": None if gap is None else gap <= TARGET_POINTS,
+              "met_at_every_seed": None if gap is None else max(gaps) <= TARGET_POINTS}
     sim = simulation()
     cfg = sim.resolve_config(sim.build_parser().parse_args(
         [*args.extra, "--institutions", str(INSTITUTIONS)]))
