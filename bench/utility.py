@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from benchlib import RESULTS, SIMULATION, markdown, simulation, write, write_csv
@@ -106,11 +107,10 @@ def _run(name: str, flags: list[str], out: Path, common: list[str]) -> dict[str,
     return result
 
 
-def _seed_runs(seed: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
-                                                               dict[str, Any]]:
+def _seed_runs(seed: int, args: argparse.Namespace, sim: ModuleType
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every setting for one seed: the federated runs, then the centralized one."""
     common = [*args.extra, "--seed", str(seed)]
-    sim = simulation()
     cfg = sim.resolve_config(sim.build_parser().parse_args(
         [*common, "--institutions", str(INSTITUTIONS)]))
     out = args.out.resolve() / f"seed-{seed}"
@@ -168,9 +168,10 @@ def main() -> None:
         raise SystemExit("bench/utility.py: give seeds with --seeds, not --seed after --")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.monotonic()
+    sim = simulation()
     results, data = [], []
     for seed in args.seeds:
-        runs, facts = _seed_runs(seed, args)
+        runs, facts = _seed_runs(seed, args, sim)
         results += runs
         data.append(facts)
     table = _table(results)
@@ -179,7 +180,6 @@ def main() -> None:
     target = {"federated_eps8_gap_points": gap, "per_seed_gap_points": gaps,
               "limit_points": TARGET_POINTS, "met": None if gap is None else gap <= TARGET_POINTS,
               "met_at_every_seed": None if gap is None else max(gaps) <= TARGET_POINTS}
-    sim = simulation()
     cfg = sim.resolve_config(sim.build_parser().parse_args(
         [*args.extra, "--institutions", str(INSTITUTIONS)]))
     settings = {"institutions": INSTITUTIONS, "rounds": cfg.federation.num_rounds,
