@@ -22,14 +22,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+#: Flower's SuperExec (which starts a ClientApp or ServerApp process for each task)
+#: asks its SuperNode or SuperLink for new tasks this often; Flower's default is 1 s,
+#: which every train and evaluate message waits half of on average. The asks go to the
+#: host's own runtime API on loopback. A value the user exports wins.
+SUPEREXEC_POLL = ("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    """Return the environment with our executables first on ``PATH``.
+    """Return the environment for Flower processes fedsilo starts.
 
     Flower's processes start further Flower executables by name, so the virtual
-    environment's ``bin`` must come first even when it is not activated.
+    environment's ``bin`` must come first even when it is not activated; SuperExec's
+    task poll interval defaults to :data:`SUPEREXEC_POLL`.
     """
     path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, **extra}
+    name, seconds = SUPEREXEC_POLL
+    return {name: seconds, **os.environ, "PATH": path, **extra}
 
 
 def wait_for_port(proc: subprocess.Popen, port: int, timeout: float, what: str) -> None:

@@ -27,6 +27,11 @@ from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two pulls for the replies still owed in a round. Flower's own grid
+#: sleeps 3 s between pulls; a pull of a few message ids on the SuperLink is cheap, and
+#: every second waited here is added to every round (once per train or evaluate message).
+REPLY_POLL_SECONDS = 0.1
+
 #: Node id the SuperLink uses as the sender of replies it generates itself (e.g. when
 #: the destination stopped sending heartbeats).
 SUPERLINK_NODE_ID = 1
@@ -63,7 +68,7 @@ class PatientGrid:
                  on_late: Callable[[Missing, int], None] | None = None,
                  on_progress: Callable[[int, str, int, int], None] | None = None,
                  on_train_reply: Callable[[Message], Message] | None = None,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = REPLY_POLL_SECONDS) -> None:
         self._grid, self.minimum, self.timeout = grid, minimum, timeout
         self.min_replies, self.straggler_timeout = min_replies, straggler_timeout
         self._on_missing = on_missing or (lambda m: None)
@@ -125,10 +130,11 @@ class PatientGrid:
         started, enough_since, why = time.monotonic(), None, ""
         first = next(iter(owed.values()), None)
         expected = len(owed)
+        reported = -1
         while owed:
-            if first is not None:
-                self._on_progress(first.server_round, first.message_type,
-                                  expected - len(owed), expected)
+            if first is not None and expected - len(owed) != reported:
+                reported = expected - len(owed)
+                self._on_progress(first.server_round, first.message_type, reported, expected)
             for reply in self._grid.pull_messages(list(owed)):
                 sent = owed.pop(reply.metadata.reply_to_message_id, None)
                 if sent is None:
