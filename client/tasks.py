@@ -49,9 +49,16 @@ from fedsilo.common.model import (
     set_trainable_state,
     trainable_names,
 )
-from fedsilo.common.task import evaluate, federation_labels
+from fedsilo.common.task import EvalResult, evaluate, federation_labels
 from fedsilo.common.token_cache import encode_cached
-from fedsilo.common.wire import DECLINED_CODE, RUN_KEY, SECAGG_RANGE_CODE, UNIFORM_WEIGHT_KEY
+from fedsilo.common.wire import (
+    DECLINED_CODE,
+    EVALUATE_RECEIVED_KEY,
+    RECEIVED_PREFIX,
+    RUN_KEY,
+    SECAGG_RANGE_CODE,
+    UNIFORM_WEIGHT_KEY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +247,8 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
     try:
         task = _setup(request, context, origin)
         set_up = time.perf_counter()
+        evaluated = _evaluate_received(task, context, request)
+        started = time.perf_counter()
         record_level = task.cfg.privacy.dp and task.cfg.privacy.dp_level == "record"
         result, dp_metrics, released = (_train_private if record_level
                                         else _train_without_record_dp)(task, request, context)
@@ -256,13 +265,15 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
                        reply_to=msg)
     n = len(task.train_set)
     metrics = {"num-examples": n, **dp_metrics, "train-loss": result.loss,
-               "steps": result.steps, **_uniform_weight(task.cfg)}
+               "steps": result.steps, **_uniform_weight(task.cfg), **evaluated}
     if task.cfg.privacy.keep_updates:
         keep_update(_ledger_dir(task), task.fingerprint, task.run,
                     int(request.config["server-round"]), released, n)
     # Where the round's time went here (bench/round_anatomy.py reads these).
-    metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - set_up,
+    metrics |= {"seconds-setup": set_up - entered, "seconds-train": trained - started,
                 **task.timings}
+    if evaluated:
+        metrics["seconds-local-eval"] = started - set_up
     if origin.age is not None:
         metrics["seconds-process"] = origin.age  # process age on entry: start-up + imports
     reply = train_reply(msg, request, task.data.name, metrics, released)
@@ -286,11 +297,29 @@ def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
     res = evaluate(task.net, task.test_set, task.device)
-    metrics = {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
-               "macro-f1": res.macro_f1, **_uniform_weight(task.cfg)}
     _journal(task, context, request, "evaluate", num_examples=res.num_examples,
              accuracy=res.accuracy)
-    return evaluate_reply(msg, request, task.data.name, metrics)
+    return evaluate_reply(msg, request, task.data.name,
+                          {**_eval_metrics(res), **_uniform_weight(task.cfg)})
+
+
+def _eval_metrics(res: EvalResult) -> dict[str, float]:
+    return {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
+            "macro-f1": res.macro_f1}
+
+
+def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[str, float]:
+    """Fused evaluation: the received global model's metrics on the local test split.
+
+    Only when the train message asks (``EVALUATE_RECEIVED_KEY``); the metrics travel in
+    the train reply under ``RECEIVED_PREFIX``. Runs before training changes the model.
+    """
+    if request.legacy or not request.config.get(EVALUATE_RECEIVED_KEY):
+        return {}
+    res = evaluate(task.net, task.test_set, task.device)
+    _journal(task, context, request, "evaluate-received", num_examples=res.num_examples,
+             accuracy=res.accuracy)
+    return {RECEIVED_PREFIX + k: v for k, v in _eval_metrics(res).items()}
 
 
 def _journal(task: _Task, context: Context, request: Request, event: str,

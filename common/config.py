@@ -150,6 +150,12 @@ class FederationConfig(_Section):
         "institutions) after every N-th round and after the last; 0 = never. The "
         "coordinator's own holdout evaluation (--eval-data) still runs every round"
     )
+    fused_evaluation: bool = Field(
+        True, description="institutions evaluate the global model they receive inside the "
+        "next round's train message (one message per round; the last round's model gets "
+        "an evaluate message); off: an evaluate message after each evaluated round. "
+        "Secure aggregation always sends evaluate messages"
+    )
     round_timeout: float = Field(3600.0, gt=0, description="most seconds a round waits for "
                                  "replies; later replies are logged and counted as late")
     straggler_timeout: float = Field(

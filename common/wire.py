@@ -16,6 +16,12 @@ UNIFORM_WEIGHT_KEY = "uniform-weight"
 #: Config key of every message naming the run across resumptions (the first Flower
 #: run id); institutions key their ledger rounds by it.
 RUN_KEY = "fedsilo-run"
+#: Train-config flag (``--fused-evaluation``): before training, evaluate the received
+#: global model on the local test split and reply with its metrics beside the update.
+EVALUATE_RECEIVED_KEY = "evaluate-received"
+#: Prefix of those metrics in the train reply's MetricRecord (Flower's strategies take
+#: exactly one MetricRecord per reply): ``received-accuracy``, ``received-loss``...
+RECEIVED_PREFIX = "received-"
 
 
 def array_record_bytes(record: ArrayRecord) -> int:

@@ -26,7 +26,8 @@ SCHEMA = "fedsilo.checkpoint/1"
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 _LISTS = ("momentum_vector",)
 #: Settings that may differ between the interrupted run and its resumption.
-MAY_DIFFER = ("resume", "join-timeout", "round-timeout", "straggler-timeout")
+MAY_DIFFER = ("resume", "join-timeout", "round-timeout", "straggler-timeout",
+              "fused-evaluation")
 #: Settings added after the first checkpoints, each with the value that reproduces a
 #: run checkpointed before it existed (until ``pooling``, every head was ``cls``).
 ADDED_LATER = {"pooling": "cls"}

@@ -56,10 +56,14 @@ def render(out: Path) -> RenderableType:
                       f"{stats['train_loss']:.4f}" if "train_loss" in stats else "",
                       "no DP" if eps is None else f"{eps:.3f}", _status(last, name))
     parts: list[RenderableType] = [head]
-    evals = last.get("centralized_eval") or last.get("federated_eval")
-    if evals:
-        parts.append(Text(f"after round {last['round']}: accuracy {evals['accuracy']:.3f}, "
-                          f"macro-F1 {evals['macro_f1']:.3f}, loss {evals['loss']:.4f}"))
+    # the latest evaluated model (federated evaluation of a round can come a round later)
+    evaluated = next((r for r in reversed(rounds)
+                      if r.get("centralized_eval") or r.get("federated_eval")), None)
+    if evaluated:
+        evals = evaluated.get("centralized_eval") or evaluated["federated_eval"]
+        parts.append(Text(f"after round {evaluated['round']}: accuracy "
+                          f"{evals['accuracy']:.3f}, macro-F1 {evals['macro_f1']:.3f}, "
+                          f"loss {evals['loss']:.4f}"))
     if names:
         parts.append(table)
     return Group(*parts)

@@ -193,7 +193,12 @@ class ReportingMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Aggregate and report the institutions' local evaluations."""
-        metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
+        """Aggregate and report the institutions' local evaluations (and their test size)."""
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        if metrics is not None:  # Flower's mean leaves out the weight; report the total
+            metrics = MetricRecord({**metrics, "num-examples": sum(
+                int(r.content["metrics"].get("num-examples", 0))
+                for r in replies if not r.has_error())})
         self.report.record_federated_eval(server_round, metrics)
         return metrics

@@ -204,8 +204,21 @@ class RunReport:
 
     def record_federated_eval(self, server_round: int,
                               metrics: Mapping[str, float] | None) -> None:
-        """Record the example-weighted mean of the institutions' local evaluations."""
-        self._round(server_round)["federated_eval"] = _eval_dict(metrics)
+        """Record the example-weighted mean of the institutions' local evaluations.
+
+        With fused evaluation they come with the next round's updates, after this
+        round's line was logged: they get a line of their own and are written to
+        ``metrics.json`` with the next round.
+        """
+        entry = next((e for e in self.doc["rounds"] if e["round"] == server_round), None)
+        if entry is None or entry is self.doc["rounds"][-1]:
+            self._round(server_round)["federated_eval"] = _eval_dict(metrics)
+            return
+        entry["federated_eval"] = result = _eval_dict(metrics)
+        if result:
+            log.info("round %d/%d | fed-eval acc %.3f macro-F1 %.3f (the institutions' "
+                     "evaluation of its model, sent with round %d's updates)", server_round,
+                     self.num_rounds, result["accuracy"], result["macro_f1"], server_round + 1)
 
     def record_centralized_eval(self, server_round: int, result: EvalResult | None) -> None:
         """Record the coordinator's evaluation on its held-out set."""

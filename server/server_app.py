@@ -149,7 +149,7 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
     final = run_rounds(strategy, patient, arrays,  # type: ignore[arg-type]
                        first=first, last=fed.num_rounds, run_key=run_key,
                        timeout=fed.round_timeout, evaluate_every=fed.evaluate_every,
-                       end_of_round=end_of_round)
+                       end_of_round=end_of_round, fused_evaluation=fed.fused_evaluation)
     return _named(final)
 
 

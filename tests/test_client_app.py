@@ -153,3 +153,16 @@ def test_evaluate_reports_local_held_out_metrics(cfg):
     m = reply.content["metrics"]
     assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro-f1"] <= 1
     assert m["num-examples"] > 0 and "arrays" not in reply.content
+
+
+def test_fused_evaluation_scores_the_received_model_before_training(cfg):
+    evaluated = client_app.evaluate_local(_message(cfg, "evaluate")[0], _context(cfg))
+    msg, _ = _message(cfg, "train")
+    msg.content["config"]["evaluate-received"] = True
+    fused = client_app.train(msg, _context(cfg)).content["metrics"]
+    expected = evaluated.content["metrics"]
+    for key in ("num-examples", "loss", "accuracy", "macro-f1"):  # the same model, unchanged
+        assert fused[f"received-{key}"] == pytest.approx(expected[key], rel=1e-6)
+    assert fused["seconds-local-eval"] > 0 and fused["steps"] == 6
+    plain = client_app.train(_message(cfg, "train", 2)[0], _context(cfg)).content["metrics"]
+    assert not any(k.startswith("received-") or k == "seconds-local-eval" for k in plain)

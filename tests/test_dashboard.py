@@ -31,6 +31,15 @@ def test_coordinator_view_shows_round_replies_eta_and_each_institution(tmp_path)
     assert "hospital-a" in text and "aggregated" in text
 
 
+def test_coordinator_view_shows_the_latest_evaluated_round(tmp_path):
+    fed = {"accuracy": 0.75, "macro_f1": 0.5, "loss": 0.9}
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"num-rounds": 3}, "rounds": [
+        {"round": 1, "seconds": 10, "federated_eval": fed, "institutions": {}},
+        {"round": 2, "seconds": 10, "federated_eval": None, "institutions": {}}]}))
+    # round 2's federated evaluation comes with round 3's train replies
+    assert "after round 1: accuracy 0.750, macro-F1 0.500" in _text(render(tmp_path))
+
+
 def test_live_view_is_off_without_a_terminal(capsys, monkeypatch):
     monkeypatch.setenv("CI", "true")
     calls = []

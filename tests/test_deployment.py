@@ -158,6 +158,14 @@ def test_two_institutions_complete_a_private_federation(federation):
                         device="cpu")
     assert classify("Acute appendicitis")[0]["label"] in metrics["labels"]
     assert "round 2/2" in log
+    # Fused evaluation: round 1's model was evaluated inside round 2's train message,
+    # the last model by an evaluate message; both are in the report.
+    assert all(r["federated_eval"]["num_examples"] > 0 for r in metrics["rounds"][1:])
+    assert "round 1/2 | fed-eval acc" in log
     for name in ("hospital-a", "hospital-b"):  # every message ran in the warm worker
         client_log = (root / f"{name}.log").read_text()
         assert "warm worker ready" in client_log and "in this process" not in client_log
+        events = [json.loads(line) for line in (federation["pki"].kits[name] / "ledger" /
+                                                "journal.jsonl").read_text().splitlines()]
+        assert [(e["event"], e["round"]) for e in events if "evaluate" in e["event"]] == [
+            ("evaluate-received", 2), ("evaluate", 2)]

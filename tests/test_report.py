@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -69,3 +70,27 @@ def test_dropped_and_late_replies_are_named_counted_and_estimated(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
     assert [(e["event"], e["institution"]) for e in events] == [
         ("dropped", "hospital-b"), ("dropped", None), ("late", "hospital-b")]
+
+
+def test_fused_evaluation_lands_on_the_round_it_evaluated(tmp_path, caplog):
+    report = RunReport(tmp_path, ["a"], {"dp": True}, num_rounds=3)
+    for server_round in (1, 2):
+        report.record_train(server_round, [])
+        report.finish_round(server_round)
+    report.record_federated_eval(3, None)  # round 3 begins; its entry is the latest
+    logger = logging.getLogger("fedsilo")
+    propagate, logger.propagate = logger.propagate, True  # let caplog see fedsilo's lines
+    try:
+        with caplog.at_level(logging.INFO, logger="fedsilo.server.report"):
+            report.record_federated_eval(2, {"num-examples": 30, "loss": 0.4,
+                                             "accuracy": 0.8, "macro-f1": 0.7})
+    finally:
+        logger.propagate = propagate
+    rounds = {e["round"]: e for e in report.doc["rounds"]}
+    assert [e["round"] for e in report.doc["rounds"]] == [1, 2, 3]  # no second round 2
+    assert rounds[2]["federated_eval"]["accuracy"] == 0.8
+    assert rounds[3]["federated_eval"] is None
+    assert "round 2/3 | fed-eval acc 0.800 macro-F1 0.700" in caplog.text
+    report.finish_round(3)  # written with the next round
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["rounds"][1]["federated_eval"]["macro_f1"] == 0.7

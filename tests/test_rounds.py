@@ -99,6 +99,15 @@ def test_the_round_timeout_bounds_the_wait_below_the_minimum():
     assert missing[0].node_id == 12 and "--round-timeout" in missing[0].reason
 
 
+def test_progress_is_reported_when_a_reply_arrives_not_on_every_poll():
+    progress = []
+    grid, _, _ = _grid({11: 0, 12: 0.3}, min_replies=2,
+                       on_progress=lambda *args: progress.append(args))
+    replies = list(grid.send_and_receive(_messages([11, 12], 1), timeout=30))
+    assert len(replies) == 2  # ~15 polls of 0.02 s went by while node 12 was away
+    assert progress == [(1, "train", 0, 2), (1, "train", 1, 2)]
+
+
 def _ckpt(server_round=2):
     return checkpoint.Checkpoint(
         server_round, 7, {"w": np.arange(4, dtype=np.float32)},
@@ -205,6 +214,59 @@ def test_federated_evaluation_runs_every_nth_round_and_after_the_last(first, eve
     assert grid.sent == [m for r in range(first, 6)
                          for m in [f"train-{r}", *([f"evaluate-{r}"] if r in expected else [])]]
     assert ended == list(range(first, 6))  # centralized evaluation and report every round
+
+
+class FusedStrategy(RecordingStrategy):
+    """Records which train rounds asked for the received model's evaluation, and what came."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list[int] = []
+        self.metrics: dict[int, list[dict]] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if config.get("evaluate-received"):
+            self.asked.append(server_round)
+        return [f"train-{server_round}"]
+
+    def aggregate_evaluate(self, server_round, replies):
+        super().aggregate_evaluate(server_round, replies)
+        self.metrics[server_round] = [dict(r.content["metrics"]) for r in replies]
+
+
+class TrainReplyGrid(EchoGrid):
+    """Answers each train message with two updates carrying fused-evaluation metrics."""
+
+    def send_and_receive(self, messages, timeout):
+        messages = list(messages)
+        super().send_and_receive(messages, timeout)
+        if not messages[0].startswith("train"):
+            return []
+        server_round = int(messages[0].split("-")[1])
+        replies = [Message(RecordDict({"metrics": MetricRecord({
+            "num-examples": 100, "train-loss": 0.5, "received-num-examples": 10 * node,
+            "received-accuracy": server_round / 10 + node / 100})}),
+            dst_node_id=node, message_type="train") for node in (1, 2)]
+        return [*replies, Message(Error(code=0, reason="crashed"), reply_to=replies[0])]
+
+
+@pytest.mark.parametrize(("first", "every", "asked", "expected"), [
+    (1, 1, [2, 3, 4, 5], [1, 2, 3, 4, 5]), (1, 2, [3, 5], [2, 4, 5]),
+    (1, 5, [], [5]), (1, 0, [], []), (3, 1, [3, 4, 5], [2, 3, 4, 5])])
+def test_fused_evaluation_asks_the_next_train_message_and_sends_one_evaluate_at_the_end(
+        first, every, asked, expected):
+    strategy, grid = FusedStrategy(), TrainReplyGrid()
+    run_rounds(strategy, grid, ArrayRecord(), first=first, last=5, run_key=7, timeout=1,
+               evaluate_every=every, end_of_round=lambda r, _: None, fused_evaluation=True)
+    assert strategy.asked == asked  # round r's train message evaluates round r − 1's model
+    assert sorted(strategy.evaluated) == expected
+    # one message per round; only the last round's model needs an evaluate message
+    assert grid.sent == [*(f"train-{r}" for r in range(first, 6)),
+                         *(["evaluate-5"] if 5 in expected else [])]
+    for server_round in set(expected) - {5}:  # prefix stripped, failed reply left out
+        assert strategy.metrics[server_round] == [
+            {"num-examples": 10 * node, "accuracy": (server_round + 1) / 10 + node / 100}
+            for node in (1, 2)]
 
 
 def test_secagg_rounds_ask_for_evaluation_on_the_same_rounds():

@@ -100,3 +100,10 @@ def test_a_changed_data_file_is_reloaded_by_a_long_lived_process(tmp_path):
     os.utime(data, ns=(1, 1))  # a different stamp even within the clock's resolution
     second = tasks._prepared(cfg, None, "a", tmp_path / "cache", tasks._stamp(str(data)))
     assert first[3] != second[3]  # the dataset fingerprint follows the file
+
+
+def test_flower_processes_poll_for_tasks_every_tenth_of_a_second_unless_told(monkeypatch):
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    assert child_env()["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2")
+    assert child_env()["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"  # the user's value wins
