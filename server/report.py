@@ -14,6 +14,7 @@
           "round": int,                     # 0 = the initial model
           "train_loss": float|null,         # example-weighted mean of local losses
           "federated_eval": {"loss", "accuracy", "macro_f1", "num_examples"}|null,
+                                            # (fused evaluation: filled in one round later)
           "centralized_eval": {"loss", "accuracy", "macro_f1", "num_examples"}|null,
           "bytes_received": int,            # update payload bytes, all institutions
                                             # (0 under SecAgg+: only masked vectors travel)
