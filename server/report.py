@@ -132,14 +132,17 @@ class RunReport:
         log.warning("round %d: %s", arrived_in, text)
 
     def _round(self, server_round: int) -> dict[str, Any]:
+        """The entry of ``server_round``: an earlier one if it has one, else a new last one."""
         rounds = self.doc["rounds"]
-        if not rounds or rounds[-1]["round"] != server_round:
-            rounds.append({"round": server_round, "train_loss": None, "federated_eval": None,
-                           "centralized_eval": None, "bytes_received": 0,
-                           "institutions": {}, "failures": [], "declined": [],
-                           "dropped": [], "late": [],
-                           "client_level_dp": None, "aggregate_seconds": None,
-                           "seconds": 0.0})
+        earlier = next((e for e in reversed(rounds) if e["round"] == server_round), None)
+        if earlier is not None:
+            return earlier
+        rounds.append({"round": server_round, "train_loss": None, "federated_eval": None,
+                       "centralized_eval": None, "bytes_received": 0,
+                       "institutions": {}, "failures": [], "declined": [],
+                       "dropped": [], "late": [],
+                       "client_level_dp": None, "aggregate_seconds": None,
+                       "seconds": 0.0})
         return rounds[-1]
 
     def record_train(self, server_round: int, replies: list[Message]) -> None:
@@ -211,12 +214,9 @@ class RunReport:
         round's line was logged: they get a line of their own and are written to
         ``metrics.json`` with the next round.
         """
-        entry = next((e for e in self.doc["rounds"] if e["round"] == server_round), None)
-        if entry is None or entry is self.doc["rounds"][-1]:
-            self._round(server_round)["federated_eval"] = _eval_dict(metrics)
-            return
+        entry = self._round(server_round)
         entry["federated_eval"] = result = _eval_dict(metrics)
-        if result:
+        if result and entry is not self.doc["rounds"][-1]:
             log.info("round %d/%d | fed-eval acc %.3f macro-F1 %.3f (the institutions' "
                      "evaluation of its model, sent with round %d's updates)", server_round,
                      self.num_rounds, result["accuracy"], result["macro_f1"], server_round + 1)
