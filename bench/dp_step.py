@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""DP-SGD step vs non-private step: time and peak memory per Opacus mode and trainable set.
+"""DP-SGD step vs non-private step: time and peak memory per clipping mode and trainable set.
 
 Every (trainable set, mode) pair trains the default MiniLM classifier on the same
 random batch; modes are measured alternately, ``--repeats`` times, and reported as
@@ -38,13 +38,14 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsilo.client.train import make_private
 from fedsilo.common import features
 from fedsilo.common.config import ModelConfig
 from fedsilo.common.data import LabelMap
 from fedsilo.common.features import logits
 from fedsilo.common.model import load_model
 
-MODES = ("ghost", "hooks", "functorch", "ew")
+MODES = ("bk", "ghost", "hooks", "functorch", "ew")
 TRAINABLE = ("all", "top-k", "lora", "classifier", "head-features")
 #: Every allocation of 64 KiB or more is its own mapping, unmapped when freed.
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -59,19 +60,16 @@ def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int,
     """
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    criterion = nn.CrossEntropyLoss()
+    criterion: Any = nn.CrossEntropyLoss()
     loader = DataLoader(data, batch_size=len(data))
     if mode != "none":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            wrapped = PrivacyEngine().make_private(
-                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                grad_sample_mode=mode)
-        if mode == "ghost":
-            model, optimizer, criterion, loader = wrapped
-        else:
-            (model, optimizer, loader), criterion = wrapped, criterion
+            private = make_private(PrivacyEngine(), model, optimizer, loader, mode=mode,
+                                   noise_multiplier=1.0, max_grad_norm=1.0,
+                                   poisson_sampling=False)
+        model, optimizer, criterion, loader = (private.model, private.optimizer,
+                                               private.criterion, private.loader)
     batch = next(iter(loader))
 
     def step() -> None:

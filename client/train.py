@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.accountant import IAccountant
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsilo.client.bookkeeping import BookKeepingClipper, BookKeepingLoss
 from fedsilo.client.privacy import DPPlan
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.features import logits
@@ -33,7 +37,7 @@ def _run_epochs(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
+    criterion: Callable[..., Any],
     epochs: int,
     device: torch.device,
 ) -> TrainResult:
@@ -50,6 +54,55 @@ def _run_epochs(
                 count += len(y)
             steps += 1
     return TrainResult(loss=total / max(count, 1), steps=steps)
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """What DP-SGD trains with: the model, optimizer, criterion and loader to use."""
+
+    model: nn.Module
+    optimizer: DPOptimizer
+    criterion: Callable[..., Any]
+    loader: DataLoader
+    close: Callable[[], None]
+
+
+def make_private(
+    engine: PrivacyEngine,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    mode: str,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+) -> PrivateTraining:
+    """Opacus's ``make_private`` for any ``--grad-sample-mode``, book-keeping included.
+
+    ``bk`` sets up Opacus's ghost-clipping optimizer, Poisson loader and accountant
+    hook, then replaces ghost clipping's two backward passes with
+    :class:`~fedsilo.client.bookkeeping.BookKeepingClipper`'s one.
+    """
+    criterion = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        wrapped = engine.make_private(
+            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            poisson_sampling=poisson_sampling,
+            grad_sample_mode="ghost" if mode == "bk" else mode)
+    if mode == "bk":
+        dp_model, dp_optimizer, _, dp_loader = wrapped
+        dp_model._close()  # Opacus's ghost-clipping hooks off: book-keeping clips instead
+        clipper = BookKeepingClipper(model, max_grad_norm)
+        return PrivateTraining(model, dp_optimizer, BookKeepingLoss(clipper, criterion),
+                               dp_loader, clipper.close)
+    if mode == "ghost":
+        dp_model, dp_optimizer, dp_criterion, dp_loader = wrapped
+    else:
+        (dp_model, dp_optimizer, dp_loader), dp_criterion = wrapped, criterion
+    return PrivateTraining(dp_model, dp_optimizer, dp_criterion, dp_loader, dp_model._close)
 
 
 def train_private(
@@ -71,37 +124,24 @@ def train_private(
     model.to(device).train()  # Opacus needs train mode before make_private
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant = accountant
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size)
-    criterion = nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        wrapped = engine.make_private(
-            module=model,
-            optimizer=_optimizer(model, cfg.train.learning_rate),
-            criterion=criterion,
-            data_loader=loader,
-            noise_multiplier=dp_plan.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=cfg.privacy.grad_sample_mode,
-        )
-    if cfg.privacy.grad_sample_mode == "ghost":
-        dp_model, optimizer, dp_criterion, dp_loader = wrapped
-    else:
-        (dp_model, optimizer, dp_loader), dp_criterion = wrapped, criterion
+    private = make_private(
+        engine, model, _optimizer(model, cfg.train.learning_rate),
+        DataLoader(dataset, batch_size=cfg.train.batch_size),
+        mode=cfg.privacy.grad_sample_mode, noise_multiplier=dp_plan.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm)
     before = _accounted_steps(accountant)
     try:
         if cfg.train.physical_batch_size:
-            with BatchMemoryManager(data_loader=dp_loader, optimizer=optimizer,
+            with BatchMemoryManager(data_loader=private.loader, optimizer=private.optimizer,
                                     max_physical_batch_size=cfg.train.physical_batch_size
                                     ) as physical:
-                result = _run_epochs(dp_model, physical, optimizer, dp_criterion,
-                                     cfg.train.local_epochs, device)
+                result = _run_epochs(private.model, physical, private.optimizer,
+                                     private.criterion, cfg.train.local_epochs, device)
         else:
-            result = _run_epochs(dp_model, dp_loader, optimizer, dp_criterion,
-                                 cfg.train.local_epochs, device)
+            result = _run_epochs(private.model, private.loader, private.optimizer,
+                                 private.criterion, cfg.train.local_epochs, device)
     finally:
-        dp_model._close()  # remove Opacus hooks so `model` is a plain module again
+        private.close()  # remove the hooks so `model` is a plain module again
     # Logical (noised) steps, as the accountant counted them; physical batches are not steps.
     return TrainResult(loss=result.loss, steps=_accounted_steps(accountant) - before)
 

@@ -96,9 +96,9 @@ class PrivacyConfig(_Section):
                                 "for an institution with n training examples")
     max_grad_norm: float = Field(1.0, gt=0, description="per-example clipping norm")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
-    grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = Field(
-        "ghost", description="Opacus per-example gradient mode"
-    )
+    grad_sample_mode: Literal["bk", "ghost", "hooks", "functorch", "ew"] = Field(
+        "bk", description="per-example clipping: bk (book-keeping, one backward pass) "
+        "or an Opacus grad_sample_mode; noise and accounting are Opacus's")
     dp_level: Literal["record", "client"] = Field(
         "record", description="record: DP-SGD at each institution (Opacus; protects each "
         "record); client: Flower's client-level DP (whole updates clipped, noise added by "

@@ -1,4 +1,4 @@
-"""Ghost clipping (the default) computes the same clipped gradients as per-sample hooks."""
+"""Book-keeping (the default) and ghost clipping give the same clipped step as per-sample hooks."""
 
 import copy
 
@@ -11,9 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsilo.client import privacy
-from fedsilo.client.train import train_private
+from fedsilo.client.bookkeeping import BookKeepingClipper
+from fedsilo.client.train import make_private, train_private
 from fedsilo.common.config import FedsiloConfig, ModelConfig
 from fedsilo.common.data import LabelMap
+from fedsilo.common.features import Head
 from fedsilo.common.model import forward_logits, load_model
 
 
@@ -40,40 +42,68 @@ def _clipped_gradients(model: nn.Module, data: TensorDataset, mode: str,
             module.p = 0.0
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    criterion = nn.CrossEntropyLoss()
-    wrapped = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, criterion=criterion,
-        data_loader=DataLoader(data, batch_size=len(data)), noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode=mode)
-    if mode == "ghost":
-        dp_model, dp_optimizer, dp_criterion, loader = wrapped
-    else:
-        (dp_model, dp_optimizer, loader), dp_criterion = wrapped, criterion
+    private = make_private(PrivacyEngine(), model, optimizer,
+                           DataLoader(data, batch_size=len(data)), mode=mode,
+                           noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                           poisson_sampling=False)
+    loader = private.loader
     if physical:
         loader = wrap_data_loader(data_loader=loader, max_batch_size=physical,
-                                  optimizer=dp_optimizer)
+                                  optimizer=private.optimizer)
     for input_ids, mask, y in loader:
-        dp_optimizer.zero_grad()
-        dp_criterion(forward_logits(dp_model, input_ids, mask), y).backward()
-        dp_optimizer.step()
+        private.optimizer.zero_grad()
+        private.criterion(forward_logits(private.model, input_ids, mask), y).backward()
+        private.optimizer.step()
+    private.close()
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in before)
     return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
 @pytest.mark.parametrize(("trainable", "pooling"), [("all", "cls"), ("top-k", "cls"),
-                                                     ("all", "mean")])
-def test_ghost_clipping_matches_per_sample_hooks(tiny_bert, trainable, pooling):
+                                                     ("all", "mean"), ("lora", "mean"),
+                                                     ("classifier", "cls")])
+def test_clipping_matches_per_sample_hooks(tiny_bert, trainable, pooling, mode):
     model, data = _model(tiny_bert, trainable, pooling), _data()
     # A small norm makes every per-example gradient hit the clip.
     reference = _clipped_gradients(model, data, "hooks", max_grad_norm=0.05)
-    ghost = _clipped_gradients(model, data, "ghost", max_grad_norm=0.05)
-    assert reference.keys() == ghost.keys() and len(reference) > 2
-    for name, step in reference.items():
-        assert torch.allclose(ghost[name], step, rtol=1e-4, atol=1e-7), name
+    step = _clipped_gradients(model, data, mode, max_grad_norm=0.05)
+    assert reference.keys() == step.keys() and len(reference) >= 2
+    for name, expected in reference.items():
+        assert torch.allclose(step[name], expected, rtol=1e-4, atol=1e-7), name
     total = torch.sqrt(sum((s ** 2).sum() for s in reference.values()))
     assert 0 < total <= 0.05 + 1e-6  # the mean of clipped gradients is within the clip
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_book_keeping_leaves_small_gradients_unclipped(tiny_bert):
+    model, data = _model(tiny_bert, "top-k"), _data()
+    # A norm far above every per-example gradient: the step is the plain mean gradient.
+    clipped = _clipped_gradients(model, data, "bk", max_grad_norm=1e6)
+    plain = copy.deepcopy(model).train()
+    for module in plain.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    nn.functional.cross_entropy(forward_logits(plain, *data.tensors[:2]), data.tensors[2]
+                                ).backward()
+    for name, p in plain.named_parameters():
+        if name in clipped:
+            assert torch.allclose(clipped[name], p.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_book_keeping_rejects_unsupported_and_shared_layers(tiny_bert):
+    conv = nn.Sequential(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="--grad-sample-mode bk.*Conv1d.*ghost"):
+        BookKeepingClipper(conv, 1.0)
+    layer = nn.Linear(3, 3)
+    shared = nn.Sequential(layer, nn.ReLU(), layer).train()
+    clipper = BookKeepingClipper(shared, 1.0)
+    with pytest.raises(NotImplementedError, match="used twice.*--grad-sample-mode ghost"):
+        shared(torch.ones(2, 3))
+    assert layer.weight.requires_grad  # nothing left frozen by the failed step
+    clipper.close()
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
 def test_small_physical_batches_give_the_logical_batch_step(tiny_bert, mode):
     model, data = _model(tiny_bert, "top-k"), _data()
     whole = _clipped_gradients(model, data, mode, max_grad_norm=0.05)
@@ -97,3 +127,15 @@ def test_private_training_counts_logical_steps_with_physical_batches(tiny_bert):
         steps.append(result.steps)
         assert result.steps == sum(s for _, _, s in accountant.history)
     assert steps[0] == steps[1] == 4  # 1 / q logical steps, however they are split
+
+
+def test_book_keeping_empty_batch_gives_zero_gradients(tiny_bert):
+    head = Head(_model(tiny_bert, "classifier", "cls")).train()  # what a federation trains
+    clipper = BookKeepingClipper(head, 1.0)
+    features = torch.zeros(0, head.classifier.in_features)  # Poisson sampling drew no example
+    losses = nn.functional.cross_entropy(head(features), torch.zeros(0, dtype=torch.long),
+                                         reduction="none")
+    clipper.backward(losses)
+    clipper.close()
+    grads = [p.grad for p in head.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)

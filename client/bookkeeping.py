@@ -1,0 +1,257 @@
+"""Book-keeping ghost clipping: DP-SGD's per-example clipping in one backward pass.
+
+Opacus's ghost clipping (``--grad-sample-mode ghost``) runs two backward passes: the
+first computes every example's gradient norm, the second the gradient of the
+clipping-weighted loss. Book-keeping (Bu et al., "Differentially private optimization
+on large model at small cost", ICML 2023) keeps what the first pass saw instead:
+each trainable layer's input and the gradient of its output. From those it computes
+the per-example norms (the ghost norm, without per-example gradients) and then the
+sum of clipped per-example gradients directly, so there is no second pass. The
+parameters are also left out of the autograd graph, so the one backward pass
+computes input gradients only.
+
+This module computes the clipped sum into ``p.grad``; noise, scaling, Poisson
+sampling and accounting stay Opacus's (``DPOptimizerFastGradientClipping``, its data
+loader and accountant), exactly as with ghost clipping. Supported trainable layers:
+``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` (every trainable layer of a
+BERT classifier, LoRA adapters included), each used once per forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+#: Added to every norm before dividing, as Opacus does.
+_EPS = 1e-6
+
+
+def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, ..., width)`` as ``(B, T, width)``."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), width)  # no -1: B may be 0
+
+
+def _linear_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    a, g = _flat(a, layer.in_features).to(g.dtype), _flat(g, layer.out_features)
+    steps = a.shape[1]
+    if steps == 1:
+        weight = g.square().sum((1, 2)) * a.square().sum((1, 2))
+    elif steps * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features:
+        # Ghost norm: ||g^T a||^2 = <g g^T, a a^T>, without the (out, in) per-example gradient.
+        weight = (g @ g.transpose(1, 2) * (a @ a.transpose(1, 2))).sum((1, 2))
+    else:  # long sequences: the per-example gradient is the smaller tensor
+        weight = (g.transpose(1, 2) @ a).square().sum((1, 2))
+    if layer.bias is None:
+        return weight
+    return weight + g.sum(1).square().sum(1)
+
+
+def _linear_grads(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor,
+                  coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    a, g = _flat(a, layer.in_features).to(g.dtype), _flat(g, layer.out_features)
+    weighted = g * coef[:, None, None]
+    grads = {layer.weight: weighted.reshape(-1, layer.out_features).T
+             @ a.reshape(-1, layer.in_features)}
+    if layer.bias is not None:
+        grads[layer.bias] = weighted.sum((0, 1))
+    return grads
+
+
+def _embedding_rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids as ``(B, T)``, output gradients as ``(B, T, dim)``; the padding row gets none."""
+    ids, g = ids.reshape(ids.shape[0], math.prod(ids.shape[1:])), _flat(g, layer.embedding_dim)
+    if layer.padding_idx is not None:
+        g = g * (ids != layer.padding_idx).unsqueeze(-1).to(g.dtype)
+    return ids, g
+
+
+def _embedding_norms(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    ids, g = _embedding_rows(layer, ids, g)
+    # Row v of an example's gradient sums the output gradients of its tokens with id v.
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
+    return (same * (g @ g.transpose(1, 2))).sum((1, 2))
+
+
+def _embedding_grads(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor,
+                     coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    ids, g = _embedding_rows(layer, ids, g)
+    rows = (g * coef[:, None, None]).reshape(-1, layer.embedding_dim)
+    grad = torch.zeros_like(layer.weight).index_add_(0, ids.reshape(-1),
+                                                      rows.to(layer.weight.dtype))
+    return {layer.weight: grad}
+
+
+def _layer_norm_samples(layer: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor
+                        ) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients of the affine parameters (as small as the parameters)."""
+    dims = tuple(range(1, x.dim() - len(layer.normalized_shape)))
+    samples = {}
+    if layer.weight is not None:
+        normed = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+        samples[layer.weight] = (normed * g).sum(dims)
+    if layer.bias is not None:
+        samples[layer.bias] = g.sum(dims)
+    return samples
+
+
+class BookKeepingClipper:
+    """Hooks on a model's trainable layers that turn one backward pass into a clipped sum.
+
+    Parameters
+    ----------
+    model
+        The classifier (or head); its trainable layers must be of a supported type.
+    max_grad_norm
+        The per-example clipping norm ``C``.
+
+    Raises
+    ------
+    ValueError
+        If a trainable parameter sits in a layer type book-keeping does not support.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+        self.max_grad_norm = max_grad_norm
+        self.layers = [m for m in model.modules()
+                       if any(p.requires_grad for p in m.parameters(recurse=False))]
+        unsupported = sorted({type(m).__name__ for m in self.layers
+                              if type(m) not in SUPPORTED
+                              or (isinstance(m, nn.Embedding) and (m.max_norm or m.sparse))})
+        if unsupported:
+            raise ValueError(
+                "--grad-sample-mode bk supports trainable Linear, Embedding (without "
+                "max_norm or sparse) and LayerNorm layers only; this model trains "
+                f"{', '.join(unsupported)}: use --grad-sample-mode ghost")
+        self.params = [p for m in self.layers for p in m.parameters(recurse=False)
+                       if p.requires_grad]
+        if not self.params:
+            raise ValueError("--grad-sample-mode bk: the model has no trainable parameters")
+        self._armed = False
+        self._seen: dict[nn.Module, list[torch.Tensor]] = {}
+        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._detach)]
+        self._handles += [m.register_forward_hook(self._record) for m in self.layers]
+        self.per_sample_norms: torch.Tensor | None = None
+
+    def _active(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled()
+
+    def _detach(self, module: nn.Module, _inputs: tuple) -> None:
+        """Leave the parameters out of the graph: the backward pass needs no weight gradients."""
+        if self._active(module):
+            self._seen.clear()
+            self._armed = True
+            for p in self.params:
+                p.requires_grad_(False)
+
+    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self._active(module) or not self._armed:
+            return
+        if module in self._seen:
+            self._release()
+            raise NotImplementedError(
+                f"--grad-sample-mode bk: {type(module).__name__} is used twice in one forward "
+                "pass (shared parameters); use --grad-sample-mode ghost")
+        if not output.requires_grad:  # nothing trainable upstream: the graph starts here
+            output.requires_grad_(True)
+        record = self._seen[module] = [inputs[0].detach()]
+        output.register_hook(record.append)
+
+    def _release(self) -> None:
+        self._armed = False
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """Backpropagate per-example ``losses`` once; set each ``p.grad`` to the clipped sum.
+
+        Raises
+        ------
+        RuntimeError
+            If ``losses`` did not come from a training-mode forward pass of the model.
+        """
+        if not self._armed:
+            raise RuntimeError("--grad-sample-mode bk: backward() needs the losses of a "
+                               "training-mode forward pass of the whole model")
+        try:
+            losses.sum().backward()
+        finally:
+            self._release()
+        # A layer whose output the loss does not reach has no output gradient.
+        seen = {layer: r for layer, r in self._seen.items() if len(r) == 2}
+        self._seen = {}
+        squared = torch.zeros(len(losses), device=losses.device, dtype=torch.float64)
+        samples: dict[nn.Module, dict[nn.Parameter, torch.Tensor]] = {}
+        for layer, (a, g) in seen.items():
+            if isinstance(layer, nn.Linear):
+                norms = _linear_norms(layer, a, g)
+            elif isinstance(layer, nn.Embedding):
+                norms = _embedding_norms(layer, a, g)
+            else:
+                samples[layer] = _layer_norm_samples(layer, a, g)
+                norms = sum(s.reshape(len(s), -1).square().sum(1)
+                            for s in samples[layer].values())
+            squared += norms.to(squared.dtype)
+        self.per_sample_norms = squared.sqrt().to(losses.dtype)
+        coef = (self.max_grad_norm / (self.per_sample_norms + _EPS)).clamp(max=1.0)
+        clipped: dict[nn.Parameter, torch.Tensor] = {}
+        for layer, (a, g) in seen.items():
+            if isinstance(layer, nn.Linear):
+                grads = _linear_grads(layer, a, g, coef)
+            elif isinstance(layer, nn.Embedding):
+                grads = _embedding_grads(layer, a, g, coef)
+            else:
+                grads = {p: torch.einsum("n,n...->...", coef.to(s.dtype), s)
+                         for p, s in samples[layer].items()}
+            clipped.update(grads)
+        for p in self.params:  # zero for a layer the loss does not reach
+            p.grad = clipped[p].to(p.dtype) if p in clipped else torch.zeros_like(p)
+
+    def close(self) -> None:
+        """Remove the hooks; the model is a plain module again."""
+        self._release()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class BookKeepingLoss:
+    """A criterion whose loss's ``backward()`` runs book-keeping clipping.
+
+    ``criterion`` must take ``reduction="none"``; the returned loss detaches to the mean
+    (what is logged), and its ``backward()`` sets every trainable ``p.grad`` to the sum
+    of clipped per-example gradients (as Opacus's ghost-clipping loss does).
+    """
+
+    def __init__(self, clipper: BookKeepingClipper, criterion: nn.Module) -> None:
+        self.clipper = clipper
+        self.criterion = criterion
+
+    def __call__(self, *args: torch.Tensor) -> PerExampleLoss:
+        """Per-example losses of ``criterion(*args)``."""
+        reduction, self.criterion.reduction = self.criterion.reduction, "none"
+        try:
+            return PerExampleLoss(self.criterion(*args), self.clipper)
+        finally:
+            self.criterion.reduction = reduction
+
+
+class PerExampleLoss:
+    """Per-example losses of one batch, backpropagated through a :class:`BookKeepingClipper`."""
+
+    def __init__(self, losses: torch.Tensor, clipper: BookKeepingClipper) -> None:
+        self.losses = losses
+        self.clipper = clipper
+
+    def detach(self) -> torch.Tensor:
+        """The batch's mean loss."""
+        return self.losses.detach().mean()
+
+    def backward(self) -> None:
+        """One backward pass; ``p.grad`` becomes the sum of clipped per-example gradients."""
+        self.clipper.backward(self.losses)
