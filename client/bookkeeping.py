@@ -20,6 +20,7 @@ BERT classifier, LoRA adapters included), each used once per forward pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ from torch.utils.hooks import RemovableHandle
 SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 #: Added to every norm before dividing, as Opacus does.
 _EPS = 1e-6
+#: Whether a layer's parameter (``None`` when the layer has none) is being trained.
+Trains = Callable[[nn.Parameter | None], bool]
 
 
 def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -36,28 +39,33 @@ def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), width)  # no -1: B may be 0
 
 
-def _linear_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _linear_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor,
+                  trains: Trains) -> torch.Tensor:
     a, g = _flat(a, layer.in_features).to(g.dtype), _flat(g, layer.out_features)
     steps = a.shape[1]
-    if steps == 1:
+    if not trains(layer.weight):
+        weight = torch.zeros(len(g), dtype=g.dtype, device=g.device)
+    elif steps == 1:
         weight = g.square().sum((1, 2)) * a.square().sum((1, 2))
     elif steps * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features:
         # Ghost norm: ||g^T a||^2 = <g g^T, a a^T>, without the (out, in) per-example gradient.
         weight = (g @ g.transpose(1, 2) * (a @ a.transpose(1, 2))).sum((1, 2))
     else:  # long sequences: the per-example gradient is the smaller tensor
         weight = (g.transpose(1, 2) @ a).square().sum((1, 2))
-    if layer.bias is None:
+    if not trains(layer.bias):
         return weight
     return weight + g.sum(1).square().sum(1)
 
 
 def _linear_grads(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor,
-                  coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+                  coef: torch.Tensor, trains: Trains) -> dict[nn.Parameter, torch.Tensor]:
     a, g = _flat(a, layer.in_features).to(g.dtype), _flat(g, layer.out_features)
     weighted = g * coef[:, None, None]
-    grads = {layer.weight: weighted.reshape(-1, layer.out_features).T
-             @ a.reshape(-1, layer.in_features)}
-    if layer.bias is not None:
+    grads = {}
+    if trains(layer.weight):
+        grads[layer.weight] = (weighted.reshape(-1, layer.out_features).T
+                               @ a.reshape(-1, layer.in_features))
+    if trains(layer.bias):
         grads[layer.bias] = weighted.sum((0, 1))
     return grads
 
@@ -87,15 +95,15 @@ def _embedding_grads(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor,
     return {layer.weight: grad}
 
 
-def _layer_norm_samples(layer: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor
-                        ) -> dict[nn.Parameter, torch.Tensor]:
+def _layer_norm_samples(layer: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor,
+                        trains: Trains) -> dict[nn.Parameter, torch.Tensor]:
     """Per-example gradients of the affine parameters (as small as the parameters)."""
     dims = tuple(range(1, x.dim() - len(layer.normalized_shape)))
     samples = {}
-    if layer.weight is not None:
+    if trains(layer.weight):
         normed = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
         samples[layer.weight] = (normed * g).sum(dims)
-    if layer.bias is not None:
+    if trains(layer.bias):
         samples[layer.bias] = g.sum(dims)
     return samples
 
@@ -132,11 +140,15 @@ class BookKeepingClipper:
                        if p.requires_grad]
         if not self.params:
             raise ValueError("--grad-sample-mode bk: the model has no trainable parameters")
+        self._ids = {id(p) for p in self.params}
         self._armed = False
         self._seen: dict[nn.Module, list[torch.Tensor]] = {}
         self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._detach)]
         self._handles += [m.register_forward_hook(self._record) for m in self.layers]
         self.per_sample_norms: torch.Tensor | None = None
+
+    def _trains(self, param: nn.Parameter | None) -> bool:
+        return param is not None and id(param) in self._ids
 
     def _active(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled()
@@ -189,11 +201,11 @@ class BookKeepingClipper:
         samples: dict[nn.Module, dict[nn.Parameter, torch.Tensor]] = {}
         for layer, (a, g) in seen.items():
             if isinstance(layer, nn.Linear):
-                norms = _linear_norms(layer, a, g)
+                norms = _linear_norms(layer, a, g, self._trains)
             elif isinstance(layer, nn.Embedding):
                 norms = _embedding_norms(layer, a, g)
             else:
-                samples[layer] = _layer_norm_samples(layer, a, g)
+                samples[layer] = _layer_norm_samples(layer, a, g, self._trains)
                 norms = sum(s.reshape(len(s), -1).square().sum(1)
                             for s in samples[layer].values())
             squared += norms.to(squared.dtype)
@@ -202,7 +214,7 @@ class BookKeepingClipper:
         clipped: dict[nn.Parameter, torch.Tensor] = {}
         for layer, (a, g) in seen.items():
             if isinstance(layer, nn.Linear):
-                grads = _linear_grads(layer, a, g, coef)
+                grads = _linear_grads(layer, a, g, coef, self._trains)
             elif isinstance(layer, nn.Embedding):
                 grads = _embedding_grads(layer, a, g, coef)
             else:

@@ -139,3 +139,46 @@ def test_book_keeping_empty_batch_gives_zero_gradients(tiny_bert):
     clipper.close()
     grads = [p.grad for p in head.parameters() if p.requires_grad]
     assert grads and all(g is not None and not g.any() for g in grads)
+
+
+class _Toy(nn.Module):
+    """Every layer type book-keeping supports, on token sequences with padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 4, padding_idx=0)
+        self.norm = nn.LayerNorm(4)
+        self.hidden = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(self.norm(self.embed(ids))))).mean(1)
+
+
+def test_book_keeping_matches_a_per_example_loop():
+    """Independent of Opacus: clip each example's own gradient, sum, compare."""
+    torch.manual_seed(1)
+    model = _Toy().train()
+    model.hidden.weight.requires_grad_(False)  # a layer that trains its bias only
+    ids = torch.randint(1, 20, (6, 5))
+    ids[0, 3:] = 0  # padding
+    ids[1, :] = 7  # one token repeated: its embedding row sums five gradients
+    y = torch.randint(0, 3, (6,))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    per_example = [torch.autograd.grad(
+        nn.functional.cross_entropy(model(ids[i:i + 1]), y[i:i + 1]), trainable)
+        for i in range(len(ids))]
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads))
+                         for grads in per_example])
+    clip = float(norms.median())  # some examples are clipped, some are not
+    expected = [sum(grads[k] * min(1.0, clip / (float(n) + 1e-6))
+                    for grads, n in zip(per_example, norms, strict=True))
+                for k in range(len(trainable))]
+    clipper = BookKeepingClipper(model, clip)
+    clipper.backward(nn.functional.cross_entropy(model(ids), y, reduction="none"))
+    clipper.close()
+    assert torch.allclose(clipper.per_sample_norms, norms, rtol=1e-5)
+    assert model.hidden.weight.grad is None and not model.hidden.weight.requires_grad
+    for p, total in zip(trainable, expected, strict=True):
+        assert torch.allclose(p.grad, total, rtol=1e-5, atol=1e-7)
+    assert not model.embed.weight.grad[0].any()  # the padding row
