@@ -16,6 +16,8 @@ otherwise freed memory stays resident for reuse and the growth depends on which
 mode ran before. That setting slows allocation, so times come from the first pass.
 
     .venv/bin/python bench/dp_step.py            # writes bench/results/dp_step.{json,md}
+    .venv/bin/python bench/dp_step.py --seq 128 --trainable all --modes bk ghost \
+        --name dp_step-seq128                    # the issue's setting, all layers
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def _measure(args: argparse.Namespace, trainable: str
     model, inputs = load_model(ModelConfig(trainable=base), labels, seed=0), data
     if trainable == "head-features":
         model, inputs = features.Head(model), features.extract(model, data, torch.device("cpu"))
-    samples: dict[str, list[tuple[float, int]]] = {m: [] for m in ("none", *MODES)}
+    samples: dict[str, list[tuple[float, int]]] = {m: [] for m in ("none", *args.modes)}
     errors: dict[str, str] = {}
     for _ in range(args.repeats):
         for mode in samples:  # alternate modes within each repeat
@@ -118,7 +120,7 @@ def _measure(args: argparse.Namespace, trainable: str
 def _cpu_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     """Peak bytes per trainable set and mode, from a process with a fixed mmap threshold."""
     cmd = [sys.executable, __file__, "--memory-pass", "--batch", str(args.batch),
-           "--seq", str(args.seq), "--trainable", *args.trainable]
+           "--seq", str(args.seq), "--trainable", *args.trainable, "--modes", *args.modes]
     done = subprocess.run(cmd, env={**os.environ, **MMAP_ENV}, check=True, text=True,
                           stdout=subprocess.PIPE)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -132,6 +134,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--trainable", nargs="+", default=list(TRAINABLE), choices=TRAINABLE)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="DP modes to measure beside the non-private step")
+    parser.add_argument("--name", default="dp_step", help="results file name")
     parser.add_argument("--memory-pass", action="store_true",
                         help="internal: print one step's peak bytes per set and mode as JSON")
     args = parser.parse_args()
@@ -169,7 +174,7 @@ def main() -> None:
             results.append(entry)
     table = markdown(["trainable", "mode", "s/step", "time ×", "peak MiB", "memory ×"], rows)
     settings = vars(args) | {"cpu_memory_env": None if cpu_peaks is None else MMAP_ENV}
-    path = write("dp_step", {"settings": settings, "results": results}, table)
+    path = write(args.name, {"settings": settings, "results": results}, table)
     print(table)
     logging.info("wrote %s", path)
 
