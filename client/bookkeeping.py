@@ -260,6 +260,10 @@ class PerExampleLoss:
         self.losses = losses
         self.clipper = clipper
 
+    def __mul__(self, factor: float) -> PerExampleLoss:
+        """The losses scaled by ``factor`` (0 for an empty batch's placeholder)."""
+        return PerExampleLoss(self.losses * factor, self.clipper)
+
     def detach(self) -> torch.Tensor:
         """The batch's mean loss."""
         return self.losses.detach().mean()

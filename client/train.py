@@ -45,13 +45,18 @@ def _run_epochs(
     for _ in range(epochs):
         for *inputs, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            # An empty Poisson batch still takes a (pure-noise) step, as Opacus accounts.
+            size, weight = len(y), 1.0
+            if not size:
+                # An empty Poisson batch is still a step (Opacus accounts for it): a
+                # zero-weighted placeholder gives every mode a zero gradient sum, so the
+                # step is pure noise (BERT cannot run a batch of 0).
+                inputs, y, weight = [x.new_zeros((1, *x.shape[1:])) for x in inputs], \
+                    y.new_zeros(1), 0.0
             loss = criterion(logits(model, *(x.to(device) for x in inputs)), y.to(device))
-            loss.backward()
+            (loss * weight).backward()
             optimizer.step()
-            if len(y):
-                total += float(loss.detach()) * len(y)
-                count += len(y)
+            total += float(loss.detach()) * size
+            count += size
             steps += 1
     return TrainResult(loss=total / max(count, 1), steps=steps)
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsilo.client import privacy
 from fedsilo.client.bookkeeping import BookKeepingClipper
-from fedsilo.client.train import make_private, train_private
+from fedsilo.client.train import _run_epochs, make_private, train_private
 from fedsilo.common.config import FedsiloConfig, ModelConfig
 from fedsilo.common.data import LabelMap
 from fedsilo.common.features import Head
@@ -182,3 +182,25 @@ def test_book_keeping_matches_a_per_example_loop():
     for p, total in zip(trainable, expected, strict=True):
         assert torch.allclose(p.grad, total, rtol=1e-5, atol=1e-7)
     assert not model.embed.weight.grad[0].any()  # the padding row
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
+def test_an_empty_poisson_batch_is_a_pure_noise_step(tiny_bert, mode):
+    """BERT cannot run a batch of 0: the step must still happen, with noise only."""
+    model, data = _model(tiny_bert, "top-k"), _data()
+    empty = [t[:0] for t in data.tensors]  # what Opacus's Poisson loader yields
+    moved = []
+    for sigma in (0.0, 1.0):
+        trained = copy.deepcopy(model).train()
+        before = [p.detach().clone() for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad],
+                                    lr=1.0)
+        private = make_private(PrivacyEngine(), trained, optimizer, DataLoader(data),
+                               mode=mode, noise_multiplier=sigma, max_grad_norm=1.0)
+        result = _run_epochs(private.model, [empty], private.optimizer, private.criterion,
+                             1, torch.device("cpu"))
+        private.close()
+        assert result.steps == 1 and result.loss == 0.0
+        after = [p.detach() for p in trained.parameters() if p.requires_grad]
+        moved.append(any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)))
+    assert moved == [False, True]  # no gradient from the placeholder; the noise moves it
