@@ -126,8 +126,9 @@ class BookKeepingClipper:
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
         self.max_grad_norm = max_grad_norm
-        self.layers = [m for m in model.modules()
-                       if any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.names = {m: name or type(m).__name__ for name, m in model.named_modules()
+                      if any(p.requires_grad for p in m.parameters(recurse=False))}
+        self.layers = list(self.names)
         unsupported = sorted({type(m).__name__ for m in self.layers
                               if type(m) not in SUPPORTED
                               or (isinstance(m, nn.Embedding) and (m.max_norm or m.sparse))})
@@ -191,6 +192,12 @@ class BookKeepingClipper:
             raise RuntimeError("--grad-sample-mode bk: backward() needs the losses of a "
                                "training-mode forward pass of the whole model")
         try:
+            uncalled = [self.names[m] for m in self.layers if m not in self._seen]
+            if uncalled:
+                raise NotImplementedError(
+                    f"--grad-sample-mode bk: trainable {', '.join(uncalled)} did not run its "
+                    "forward in this pass (its weights were used directly), so its "
+                    "per-example gradients are not seen; use --grad-sample-mode ghost")
             losses.sum().backward()
         finally:
             self._release()

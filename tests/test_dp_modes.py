@@ -204,3 +204,25 @@ def test_an_empty_poisson_batch_is_a_pure_noise_step(tiny_bert, mode):
         after = [p.detach() for p in trained.parameters() if p.requires_grad]
         moved.append(any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)))
     assert moved == [False, True]  # no gradient from the placeholder; the noise moves it
+
+
+class _DirectWeight(nn.Module):
+    """Uses a trainable layer's weight without calling the layer (as DeBERTa does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 3)
+        self.table = nn.Embedding(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inp(x) @ self.table.weight
+
+
+def test_book_keeping_refuses_weights_used_without_their_layer():
+    model = _DirectWeight().train()
+    clipper = BookKeepingClipper(model, 1.0)
+    out = model(torch.ones(2, 3))
+    with pytest.raises(NotImplementedError, match="table did not run.*--grad-sample-mode ghost"):
+        clipper.backward(out.sum(1))
+    assert model.table.weight.requires_grad and model.table.weight.grad is None
+    clipper.close()
