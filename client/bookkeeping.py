@@ -168,8 +168,9 @@ class BookKeepingClipper:
         if module in self._seen:
             self._release()
             raise NotImplementedError(
-                f"--grad-sample-mode bk: {type(module).__name__} is used twice in one forward "
-                "pass (shared parameters); use --grad-sample-mode ghost")
+                f"--grad-sample-mode bk: {self.names[module]} ({type(module).__name__}) runs "
+                "twice in one forward pass (shared weights, as in ALBERT); use "
+                "--grad-sample-mode hooks (Opacus's ghost clipping refuses shared weights too)")
         if not output.requires_grad:  # nothing trainable upstream: the graph starts here
             output.requires_grad_(True)
         record = self._seen[module] = [inputs[0].detach()]
@@ -196,8 +197,9 @@ class BookKeepingClipper:
             if uncalled:
                 raise NotImplementedError(
                     f"--grad-sample-mode bk: trainable {', '.join(uncalled)} did not run its "
-                    "forward in this pass (its weights were used directly), so its "
-                    "per-example gradients are not seen; use --grad-sample-mode ghost")
+                    "forward in this pass (its weights were used directly, as DeBERTa's "
+                    "relative embeddings are), so no mode can clip its per-example "
+                    "gradients; choose a --trainable set that leaves it frozen")
             losses.sum().backward()
         finally:
             self._release()
