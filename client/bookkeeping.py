@@ -206,7 +206,7 @@ class BookKeepingClipper:
         # A layer whose output the loss does not reach has no output gradient.
         seen = {layer: r for layer, r in self._seen.items() if len(r) == 2}
         self._seen = {}
-        squared = torch.zeros(len(losses), device=losses.device, dtype=torch.float64)
+        squared = torch.zeros(len(losses), device=losses.device)  # float32: MPS has no float64
         samples: dict[nn.Module, dict[nn.Parameter, torch.Tensor]] = {}
         for layer, (a, g) in seen.items():
             if isinstance(layer, nn.Linear):
