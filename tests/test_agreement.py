@@ -1,6 +1,7 @@
 """The federation agreement: issued signed, approved once, enforced term by term."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -123,3 +124,25 @@ def test_coordinator_refuses_to_start_a_run_that_breaks_its_agreement(issued, pk
     assert code == 2
     assert "--agreement" in caplog.text and "num-rounds (approved 2, this run 3)" in caplog.text
     assert agreement_id(json.loads(path.read_text())) == ident
+
+
+def test_a_model_file_changed_between_rounds_is_noticed(tiny_bert, pki, kit, tmp_path):
+    """The worker reuses file digests only while a file is untouched (size, mtime, ctime)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    cfg = freeze_labels(FedsiloConfig.from_flat({
+        "model": str(model), "num-rounds": 2, "output-dir": str(tmp_path / "out")}))
+    path = tmp_path / "agreement.json"
+    run = cfg.replace(agreement_id=write_agreement(cfg, "icd-chapters", _files(pki), path))
+    assert _approve(path, kit, "--yes") == 0
+    bundle = write_thin_app(tmp_path / "bundle", cfg)
+    agreements.check_run(run, kit / "ledger", bundle)
+    agreements.check_run(run, kit / "ledger", bundle)  # unchanged files: accepted again
+    config = model / "config.json"
+    before, text = config.stat(), config.read_bytes()
+    assert b'"gelu"' in text
+    config.write_bytes(text.replace(b'"gelu"', b'"relu"'))  # same size, other bytes
+    os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime
+    assert config.stat().st_size == before.st_size
+    with pytest.raises(PolicyError, match="model-sha256"):
+        agreements.check_run(run, kit / "ledger", bundle)
