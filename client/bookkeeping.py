@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 #: Added to every norm before dividing, as Opacus does.
 _EPS = 1e-6
 #: Whether a layer's parameter (``None`` when the layer has none) is being trained.
 Trains = Callable[[nn.Parameter | None], bool]
+#: Clipped sums of one layer's trainable parameters for per-example coefficients.
+Clip = Callable[[torch.Tensor], dict[nn.Parameter, torch.Tensor]]
 
 
 def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -39,65 +40,60 @@ def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), width)  # no -1: B may be 0
 
 
-def _linear_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor,
-                  trains: Trains) -> torch.Tensor:
+def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor,
+            trains: Trains) -> tuple[torch.Tensor, Clip]:
+    """Per-example squared norms of a linear layer's gradients, and its clipped sum."""
     a, g = _flat(a, layer.in_features).to(g.dtype), _flat(g, layer.out_features)
     steps = a.shape[1]
     if not trains(layer.weight):
-        weight = torch.zeros(len(g), dtype=g.dtype, device=g.device)
+        norms = torch.zeros(len(g), dtype=g.dtype, device=g.device)
     elif steps == 1:
-        weight = g.square().sum((1, 2)) * a.square().sum((1, 2))
+        norms = g.square().sum((1, 2)) * a.square().sum((1, 2))
     elif steps * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features:
         # Ghost norm: ||g^T a||^2 = <g g^T, a a^T>, without the (out, in) per-example gradient.
-        weight = (g @ g.transpose(1, 2) * (a @ a.transpose(1, 2))).sum((1, 2))
+        norms = (g @ g.transpose(1, 2) * (a @ a.transpose(1, 2))).sum((1, 2))
     else:  # long sequences: the per-example gradient is the smaller tensor
-        weight = (g.transpose(1, 2) @ a).square().sum((1, 2))
-    if not trains(layer.bias):
-        return weight
-    return weight + g.sum(1).square().sum(1)
-
-
-def _linear_grads(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor,
-                  coef: torch.Tensor, trains: Trains) -> dict[nn.Parameter, torch.Tensor]:
-    a, g = _flat(a, layer.in_features).to(g.dtype), _flat(g, layer.out_features)
-    weighted = g * coef[:, None, None]
-    grads = {}
-    if trains(layer.weight):
-        grads[layer.weight] = (weighted.reshape(-1, layer.out_features).T
-                               @ a.reshape(-1, layer.in_features))
+        norms = (g.transpose(1, 2) @ a).square().sum((1, 2))
     if trains(layer.bias):
-        grads[layer.bias] = weighted.sum((0, 1))
-    return grads
+        norms = norms + g.sum(1).square().sum(1)
+
+    def clip(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        weighted = g * coef[:, None, None]
+        grads = {}
+        if trains(layer.weight):
+            grads[layer.weight] = (weighted.reshape(-1, layer.out_features).T
+                                   @ a.reshape(-1, layer.in_features))
+        if trains(layer.bias):
+            grads[layer.bias] = weighted.sum((0, 1))
+        return grads
+
+    return norms, clip
 
 
-def _embedding_rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids as ``(B, T)``, output gradients as ``(B, T, dim)``; the padding row gets none."""
+def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor,
+               _trains: Trains) -> tuple[torch.Tensor, Clip]:
+    """Per-example squared norms of an embedding's gradients, and its clipped sum."""
     ids, g = ids.reshape(ids.shape[0], math.prod(ids.shape[1:])), _flat(g, layer.embedding_dim)
-    if layer.padding_idx is not None:
+    if layer.padding_idx is not None:  # the padding row gets no gradient
         g = g * (ids != layer.padding_idx).unsqueeze(-1).to(g.dtype)
-    return ids, g
-
-
-def _embedding_norms(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    ids, g = _embedding_rows(layer, ids, g)
     # Row v of an example's gradient sums the output gradients of its tokens with id v.
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
-    return (same * (g @ g.transpose(1, 2))).sum((1, 2))
+    norms = (same * (g @ g.transpose(1, 2))).sum((1, 2))
+
+    def clip(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        rows = (g * coef[:, None, None]).reshape(-1, layer.embedding_dim)
+        return {layer.weight: torch.zeros_like(layer.weight).index_add_(
+            0, ids.reshape(-1), rows.to(layer.weight.dtype))}
+
+    return norms, clip
 
 
-def _embedding_grads(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor,
-                     coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    ids, g = _embedding_rows(layer, ids, g)
-    rows = (g * coef[:, None, None]).reshape(-1, layer.embedding_dim)
-    grad = torch.zeros_like(layer.weight).index_add_(0, ids.reshape(-1),
-                                                      rows.to(layer.weight.dtype))
-    return {layer.weight: grad}
+def _layer_norm(layer: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor,
+                trains: Trains) -> tuple[torch.Tensor, Clip]:
+    """Per-example squared norms of a LayerNorm's affine gradients, and their clipped sum.
 
-
-def _layer_norm_samples(layer: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor,
-                        trains: Trains) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-example gradients of the affine parameters (as small as the parameters)."""
+    The per-example gradients are as small as the parameters, so they are formed.
+    """
     dims = tuple(range(1, x.dim() - len(layer.normalized_shape)))
     samples = {}
     if trains(layer.weight):
@@ -105,7 +101,17 @@ def _layer_norm_samples(layer: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor,
         samples[layer.weight] = (normed * g).sum(dims)
     if trains(layer.bias):
         samples[layer.bias] = g.sum(dims)
-    return samples
+    norms = sum(s.reshape(len(s), -1).square().sum(1) for s in samples.values())
+
+    def clip(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        return {p: torch.einsum("n,n...->...", coef.to(s.dtype), s) for p, s in samples.items()}
+
+    return norms, clip
+
+
+#: Each supported layer type's norms-and-clipped-sum function.
+_LAYERS = {nn.Linear: _linear, nn.Embedding: _embedding, nn.LayerNorm: _layer_norm}
+SUPPORTED = tuple(_LAYERS)
 
 
 class BookKeepingClipper:
@@ -206,30 +212,16 @@ class BookKeepingClipper:
         # A layer whose output the loss does not reach has no output gradient.
         seen = {layer: r for layer, r in self._seen.items() if len(r) == 2}
         self._seen = {}
+        layers = [_LAYERS[type(layer)](layer, a, g, self._trains)
+                  for layer, (a, g) in seen.items()]
         squared = torch.zeros(len(losses), device=losses.device)  # float32: MPS has no float64
-        samples: dict[nn.Module, dict[nn.Parameter, torch.Tensor]] = {}
-        for layer, (a, g) in seen.items():
-            if isinstance(layer, nn.Linear):
-                norms = _linear_norms(layer, a, g, self._trains)
-            elif isinstance(layer, nn.Embedding):
-                norms = _embedding_norms(layer, a, g)
-            else:
-                samples[layer] = _layer_norm_samples(layer, a, g, self._trains)
-                norms = sum(s.reshape(len(s), -1).square().sum(1)
-                            for s in samples[layer].values())
+        for norms, _ in layers:
             squared += norms.to(squared.dtype)
         self.per_sample_norms = squared.sqrt().to(losses.dtype)
         coef = (self.max_grad_norm / (self.per_sample_norms + _EPS)).clamp(max=1.0)
         clipped: dict[nn.Parameter, torch.Tensor] = {}
-        for layer, (a, g) in seen.items():
-            if isinstance(layer, nn.Linear):
-                grads = _linear_grads(layer, a, g, coef, self._trains)
-            elif isinstance(layer, nn.Embedding):
-                grads = _embedding_grads(layer, a, g, coef)
-            else:
-                grads = {p: torch.einsum("n,n...->...", coef.to(s.dtype), s)
-                         for p, s in samples[layer].items()}
-            clipped.update(grads)
+        for _, clip in layers:
+            clipped.update(clip(coef))
         for p in self.params:  # zero for a layer the loss does not reach
             p.grad = clipped[p].to(p.dtype) if p in clipped else torch.zeros_like(p)
 
