@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedsilo.common.wire import INSTITUTION_KEY
+from fedsilo.common.wire import CORRECTION_KEY, INSTITUTION_KEY
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Request:
     arrays: Mapping[str, np.ndarray] | list[np.ndarray]
     config: Mapping[str, Any]
     legacy: bool
+    correction: Mapping[str, np.ndarray] = field(default_factory=dict)  # scaffold
 
 
 def read_request(msg: Message) -> Request:
@@ -54,10 +55,14 @@ def read_request(msg: Message) -> Request:
         if f"{prefix}.parameters" in content.array_records:
             arrays = content.array_records[f"{prefix}.parameters"].to_numpy_ndarrays()
             return Request(arrays, dict(content.config_records[f"{prefix}.config"]), True)
-    record = content["arrays"]
     config = dict(content.config_records["config"]) if "config" in content else {}
-    return Request(dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True)),
-                   config, False)
+    correction = (_named(content.array_records[CORRECTION_KEY])
+                  if CORRECTION_KEY in content.array_records else {})
+    return Request(_named(content["arrays"]), config, False, correction)
+
+
+def _named(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
 
 
 def name_arrays(request: Request, names: list[str]) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ from fedsilo.client.messages import (
     train_reply,
 )
 from fedsilo.client.policy import LEDGER_KEY, NAME_KEY, Policy, institution_config
-from fedsilo.client.train import TrainResult, train_plain, train_private
+from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
 from fedsilo.client.worker import Origin
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
@@ -197,7 +197,7 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
     )
     privacy.check_budget(ledger.restore(), dp_plan)  # before any training step
     result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
-                           task.device)
+                           task.device, _correction(task, request))
     released = _release(task, request, context)
     epsilon = ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
                             dp_plan.noise_multiplier, delta)
@@ -217,9 +217,23 @@ def _train_without_record_dp(task: _Task, request: Request, context: Context) ->
     if not task.cfg.privacy.dp:
         log.warning("%s: DP is OFF (--no-dp): this update has no privacy guarantee",
                     task.data.name)
-    result = train_plain(task.net, task.train_set, task.cfg, task.device)
+    result = train_plain(task.net, task.train_set, task.cfg, task.device,
+                         _correction(task, request))
     metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0, "sample-rate": 0.0}
     return result, metrics, _release(task, request, context)
+
+
+def _correction(task: _Task, request: Request) -> Correction | None:
+    """The coordinator's drift correction (``--strategy scaffold``) by trainable parameter."""
+    if not request.correction:
+        return None
+    unknown = sorted(set(request.correction) - set(task.received))
+    if unknown:
+        raise ValueError(f"the coordinator sent a correction for {unknown[:3]}, which this "
+                         "model does not train; both sides must use the same trainable set")
+    params = dict(task.model.named_parameters())
+    return {params[k]: torch.from_numpy(np.asarray(v, dtype=np.float32))
+            for k, v in request.correction.items()}
 
 
 def _name(context: Context) -> str:
@@ -280,7 +294,8 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
     _journal(task, context, request, "train", sent=journal.digest(released),
              num_examples=n, steps=result.steps,
              epsilon=None if math.isinf(metrics["epsilon"]) else metrics["epsilon"],
-             delta=metrics["delta"])
+             delta=metrics["delta"],
+             correction=journal.digest(dict(request.correction)) if request.correction else None)
     log.info("%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
              task.data.name, result.steps, n, result.loss, metrics["epsilon"],
              sum(a.nbytes for a in released.values()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +14,11 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.hooks import RemovableHandle
 
 from fedsilo.client.bookkeeping import BookKeepingClipper, BookKeepingLoss
 from fedsilo.client.privacy import DPPlan
-from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.config import FedsiloConfig, TrainConfig
 from fedsilo.common.features import logits
 
 
@@ -29,8 +30,39 @@ class TrainResult:
     steps: int
 
 
-def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+#: A per-step drift correction: ``p -= lr · correction[p]`` after every optimiser step.
+Correction = Mapping[nn.Parameter, torch.Tensor]
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate)
+
+
+def _correct_steps(optimizer: torch.optim.Optimizer, correction: Correction | None,
+                   lr: float) -> RemovableHandle | None:
+    """Apply ``correction`` after each step ``optimizer`` takes (SCAFFOLD's ``c − c_i``).
+
+    The hook sits on the torch optimiser itself (inside Opacus's ``DPOptimizer``), so
+    it runs once per noised logical step, not per physical batch. The correction is
+    the coordinator's, computed from released updates: it costs no privacy.
+    """
+    if not correction:
+        return None
+    for param, value in correction.items():
+        if value.shape != param.shape:
+            raise ValueError(f"the coordinator's correction has shape {tuple(value.shape)} "
+                             f"for a tensor of shape {tuple(param.shape)}")
+    moved = {p: v.to(device=p.device, dtype=p.dtype) for p, v in correction.items()}
+
+    def step_post_hook(*_: object) -> None:
+        with torch.no_grad():
+            for param, value in moved.items():
+                param.add_(value, alpha=-lr)
+
+    return optimizer.register_step_post_hook(step_post_hook)
 
 
 def _run_epochs(
@@ -117,11 +149,13 @@ def train_private(
     dp_plan: DPPlan,
     accountant: IAccountant,
     device: torch.device,
+    correction: Correction | None = None,
 ) -> TrainResult:
     """Run the round's local epochs of DP-SGD; ``accountant`` records the steps.
 
     ``model`` must be the unwrapped classifier (or its :class:`~fedsilo.common.features.Head`
-    with a feature dataset); it is trained in place. The global
+    with a feature dataset); it is trained in place, with ``correction`` applied after
+    every noised step (``--strategy scaffold``). The global
     RNG is reseeded from the OS first so that the noise and the Poisson sampling are
     not predictable from the run's (shared) seed.
     """
@@ -130,12 +164,15 @@ def train_private(
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant = accountant
     private = make_private(
-        engine, model, _optimizer(model, cfg.train.learning_rate),
+        engine, model, _optimizer(model, cfg.train),
         DataLoader(dataset, batch_size=cfg.train.batch_size),
         mode=cfg.privacy.grad_sample_mode, noise_multiplier=dp_plan.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm)
     before = _accounted_steps(accountant)
+    corrected = None
     try:
+        corrected = _correct_steps(private.optimizer.original_optimizer, correction,
+                                   cfg.train.learning_rate)
         if cfg.train.physical_batch_size:
             with BatchMemoryManager(data_loader=private.loader, optimizer=private.optimizer,
                                     max_physical_batch_size=cfg.train.physical_batch_size
@@ -147,6 +184,8 @@ def train_private(
                                  private.criterion, cfg.train.local_epochs, device)
     finally:
         private.close()  # remove the hooks so `model` is a plain module again
+        if corrected is not None:
+            corrected.remove()
     # Logical (noised) steps, as the accountant counted them; physical batches are not steps.
     return TrainResult(loss=result.loss, steps=_accounted_steps(accountant) - before)
 
@@ -156,16 +195,20 @@ def _accounted_steps(accountant: IAccountant) -> int:
 
 
 def train_plain(
-    model: nn.Module, dataset: TensorDataset, cfg: FedsiloConfig, device: torch.device
+    model: nn.Module, dataset: TensorDataset, cfg: FedsiloConfig, device: torch.device,
+    correction: Correction | None = None,
 ) -> TrainResult:
-    """Run the round's local epochs without differential privacy."""
+    """Run the round's local epochs without differential privacy.
+
+    ``correction`` is applied after every step, as in :func:`train_private`.
+    """
     model.to(device).train()
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True)
-    return _run_epochs(
-        model,
-        loader,
-        _optimizer(model, cfg.train.learning_rate),
-        nn.CrossEntropyLoss(),
-        cfg.train.local_epochs,
-        device,
-    )
+    optimizer = _optimizer(model, cfg.train)
+    corrected = _correct_steps(optimizer, correction, cfg.train.learning_rate)
+    try:  # a plain module: nothing to undo if the correction is refused above
+        return _run_epochs(model, loader, optimizer, nn.CrossEntropyLoss(),
+                           cfg.train.local_epochs, device)
+    finally:
+        if corrected is not None:
+            corrected.remove()

@@ -126,7 +126,10 @@ class TrainConfig(_Section):
         0, ge=0, description="most examples in memory at once (0 = the whole batch); DP-SGD "
         "accumulates physical batches into each logical Poisson batch"
     )
-    learning_rate: float = Field(1e-2, gt=0, description="AdamW learning rate")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="local optimiser: adamw, or sgd (plain, no momentum or weight "
+        "decay; what --strategy scaffold corrects)")
+    learning_rate: float = Field(1e-2, gt=0, description="local learning rate")
     seed: int = Field(42, description="seed for splits, initialisation and sampling")
 
 
@@ -134,9 +137,10 @@ class FederationConfig(_Section):
     """Coordinator-side round settings."""
 
     num_rounds: int = Field(3, ge=1, description="federated rounds")
-    strategy: Literal["fedavg", "fedavgm", "fedadam"] = Field(
-        "fedavg", description="aggregation: fedavg, fedavgm (FedAvg with server momentum) "
-        "or fedadam (server-side Adam)")
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "scaffold"] = Field(
+        "fedavg", description="aggregation: fedavg, fedavgm (FedAvg with server momentum), "
+        "fedadam (server-side Adam) or scaffold (fedavgm plus SCAFFOLD's control variates "
+        "against label-skew drift; needs --optimizer sgd)")
     server_learning_rate: float = Field(0.05, gt=0, description="FedAdam server step size")
     server_momentum: float = Field(0.5, ge=0, lt=1, description="FedAvgM momentum on the "
                                    "averaged update (server step 1)")
@@ -265,6 +269,9 @@ class FedsiloConfig(BaseModel):
             raise ValueError("resume is not available with secure-aggregation or dp-level "
                              "'client' (their protocol and accountant state live in Flower "
                              "and are not checkpointed); start a new run")
+        if fed.strategy == "scaffold" and self.train.optimizer != "sgd":
+            raise ValueError("strategy 'scaffold' corrects plain SGD steps: add --optimizer sgd "
+                             "(and an SGD --learning-rate, e.g. 2 for the head)")
         if priv.dp and priv.dp_level == "client" and fed.strategy != "fedavg":
             raise ValueError("dp-level 'client' needs strategy 'fedavg' (Flower's accountant "
                              "assumes a uniform average)")

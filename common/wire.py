@@ -22,6 +22,9 @@ EVALUATE_RECEIVED_KEY = "evaluate-received"
 #: Prefix of those metrics in the train reply's MetricRecord (Flower's strategies take
 #: exactly one MetricRecord per reply): ``received-accuracy``, ``received-loss``...
 RECEIVED_PREFIX = "received-"
+#: Train-message record (``--strategy scaffold``): the institution's drift correction
+#: ``c − c_i``, float32 tensors named as the trainable ones, applied after each local step.
+CORRECTION_KEY = "scaffold-correction"
 
 
 def array_record_bytes(record: ArrayRecord) -> int:

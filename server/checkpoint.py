@@ -22,15 +22,17 @@ import numpy as np
 FILE = "checkpoint.npz"
 SCHEMA = "fedsilo.checkpoint/1"
 #: Strategy attributes that carry state from round to round: FedAdam's moments (dicts
-#: by tensor name) and FedAvgM's momentum (a list in tensor order).
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+#: by tensor name), FedAvgM's momentum (a list in tensor order) and SCAFFOLD's controls.
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "server_control", "client_controls",
+                    "node_institutions")
 _LISTS = ("momentum_vector",)
 #: Settings that may differ between the interrupted run and its resumption.
 MAY_DIFFER = ("resume", "join-timeout", "round-timeout", "straggler-timeout",
               "fused-evaluation")
 #: Settings added after the first checkpoints, each with the value that reproduces a
-#: run checkpointed before it existed (until ``pooling``, every head was ``cls``).
-ADDED_LATER = {"pooling": "cls"}
+#: run checkpointed before it existed (until ``pooling``, every head was ``cls``;
+#: until ``optimizer``, every institution used AdamW).
+ADDED_LATER = {"pooling": "cls", "optimizer": "adamw"}
 
 
 class CheckpointError(ValueError):

@@ -123,4 +123,4 @@ def build_client_level_strategy(
     return wrapper(strategy=inner, noise_multiplier=sigma,
                    clipping_norm=cfg.privacy.update_clipping_norm,
                    num_sampled_clients=fed.min_train, accountant=new_accountant(cfg),
-                   report=report, train=cfg.train)
+                   report=report, train=cfg.train, privacy=cfg.privacy)

@@ -19,9 +19,14 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedsilo.common import journal
-from fedsilo.common.config import TrainConfig
+from fedsilo.common.config import PrivacyConfig, TrainConfig
 from fedsilo.server.report import RunReport, institution_name
-from fedsilo.server.validation import check_update, max_coordinate_change, planned_steps
+from fedsilo.server.validation import (
+    check_update,
+    max_coordinate_change,
+    max_sgd_change,
+    planned_steps,
+)
 
 
 def decode_update(reply: Message, sent: ArrayRecord) -> Message:
@@ -109,9 +114,10 @@ class ReportingMixin:
 
     fold_updates = False
 
-    def __init__(self, *, report: RunReport, train: TrainConfig, **kwargs: object) -> None:
+    def __init__(self, *, report: RunReport, train: TrainConfig, privacy: PrivacyConfig,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.report, self.train = report, train
+        self.report, self.train, self.privacy = report, train, privacy
         self._sent = ArrayRecord()
         self._round_number = 0
         self._state: _Round | None = None
@@ -151,10 +157,12 @@ class ReportingMixin:
                 self.report.reject(server_round, institution_name(reply), reason)
                 journal.append(self.report.journal, "rejected", round=server_round,
                                institution=institution_name(reply), reason=reason)
-            elif self.fold_updates:
-                state.fold(reply, self.weighted_by_key)  # type: ignore[attr-defined]
             else:
-                state.accepted.append(reply)
+                self.on_accepted(reply, state.sent)
+                if self.fold_updates:
+                    state.fold(reply, self.weighted_by_key)  # type: ignore[attr-defined]
+                else:
+                    state.accepted.append(reply)
         state.seconds += time.perf_counter() - started
         return reply
 
@@ -179,6 +187,13 @@ class ReportingMixin:
         self._state = None
         return arrays, metrics
 
+    def on_accepted(self, reply: Message, sent: dict[str, np.ndarray]) -> None:
+        """An accepted update (decoded, before it is folded); SCAFFOLD reads it here."""
+
+    def correction_size(self, reply: Message) -> float:
+        """Largest ``|c − c_i|`` sent to the reply's institution (0 without SCAFFOLD)."""
+        return 0.0
+
     def _invalid(self, reply: Message, sent: dict[str, np.ndarray], largest: float
                  ) -> str | None:
         """Why this update cannot be aggregated (structure, values, size), or None."""
@@ -186,9 +201,17 @@ class ReportingMixin:
             return "the reply carries no tensors"
         arrays = reply.content["arrays"]
         received = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
-        examples = int(reply.content["metrics"]["num-examples"])
-        steps = planned_steps(examples, self.train.batch_size, self.train.local_epochs)
-        bound = max_coordinate_change(self.train.learning_rate, steps, largest)
+        metrics, train = reply.content["metrics"], self.train
+        examples = int(metrics["num-examples"])
+        steps = planned_steps(examples, train.batch_size, train.local_epochs)
+        bound: float | None = max_coordinate_change(train.learning_rate, steps, largest)
+        if train.optimizer == "sgd":
+            bound = None  # plain SGD without DP-SGD: no bound on a step
+            if self.privacy.dp and self.privacy.dp_level == "record":
+                bound = max_sgd_change(train.learning_rate, steps, examples,
+                                       train.batch_size, self.privacy.max_grad_norm,
+                                       float(metrics["noise-multiplier"]),
+                                       self.correction_size(reply))
         return check_update(received, sent, bound)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]

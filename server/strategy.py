@@ -9,6 +9,7 @@ from fedsilo.common.config import FedsiloConfig
 from fedsilo.server.client_dp import build_client_level_strategy
 from fedsilo.server.replies import ReportingMixin
 from fedsilo.server.report import RunReport
+from fedsilo.server.scaffold import ReportingScaffold
 
 
 def _mean_train_loss(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -53,11 +54,16 @@ def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
     }
     if cfg.privacy.dp and cfg.privacy.dp_level == "client":
         return build_client_level_strategy(cfg, report, common)
+    if fed.strategy == "scaffold":
+        return ReportingScaffold(**common, server_learning_rate=1.0,
+                                 server_momentum=fed.server_momentum, report=report,
+                                 train=cfg.train, privacy=cfg.privacy)
     if fed.strategy == "fedavgm":
         return ReportingFedAvgM(**common, server_learning_rate=1.0,
                                 server_momentum=fed.server_momentum, report=report,
-                                train=cfg.train)
+                                train=cfg.train, privacy=cfg.privacy)
     if fed.strategy == "fedadam":
         return ReportingFedAdam(**common, eta=fed.server_learning_rate, report=report,
-                                train=cfg.train)
-    return ReportingFedAvg(**common, report=report, train=cfg.train)
+                                train=cfg.train, privacy=cfg.privacy)
+    return ReportingFedAvg(**common, report=report, train=cfg.train,
+                           privacy=cfg.privacy)

@@ -8,7 +8,9 @@ normalised gradient (Kingma & Ba, 2015, §2.1; 3.16·lr at the default betas), p
 ``lr · weight_decay · |θ|`` from decay, over at most ``local-epochs · ⌈n / batch⌉``
 steps; fedsilo allows ``SLACK`` times that. DP clipping bounds the gradients, and
 hence the direction of each step, but under Adam it is the optimiser that bounds the
-step size, so this is the bound an honest institution can never exceed.
+step size, so this is the bound an honest institution can never exceed. Plain SGD's
+step is the gradient itself: only DP-SGD bounds it (:func:`max_sgd_change`); SGD
+without record-level DP has no coordinate bound, only the structural checks.
 """
 
 from __future__ import annotations
@@ -30,14 +32,36 @@ def max_coordinate_change(learning_rate: float, steps: int, largest_weight: floa
     return SLACK * steps * per_step
 
 
+#: Gaussian noise beyond this many standard deviations counts as impossible (below
+#: 2e-23 per coordinate and step).
+NOISE_SIGMAS = 10.0
+
+
+def max_sgd_change(learning_rate: float, steps: int, num_examples: int, batch_size: int,
+                   max_grad_norm: float, noise_multiplier: float,
+                   largest_correction: float = 0.0) -> float:
+    """Largest change of one coordinate that ``steps`` DP-SGD steps (plain SGD) can make.
+
+    A step moves a coordinate by ``lr`` times (clipped sum + noise) / expected batch:
+    at most ``n · C`` from the clipped gradients of a Poisson batch and
+    ``NOISE_SIGMAS · σ · C`` from the noise, plus ``lr · |c − c_i|`` under SCAFFOLD.
+    """
+    per_step = learning_rate * (max_grad_norm * (num_examples + NOISE_SIGMAS * noise_multiplier)
+                                / batch_size + largest_correction)
+    return SLACK * steps * per_step
+
+
 def planned_steps(num_examples: int, batch_size: int, local_epochs: int) -> int:
     """Most optimiser steps one round can take (Poisson: about ``n / batch`` per epoch)."""
     return local_epochs * max(math.ceil(num_examples / batch_size), 1)
 
 
 def check_update(received: dict[str, np.ndarray], sent: dict[str, np.ndarray],
-                 max_change: float) -> str | None:
-    """Return why ``received`` cannot be aggregated against ``sent``, or None if it can."""
+                 max_change: float | None) -> str | None:
+    """Return why ``received`` cannot be aggregated against ``sent``, or None if it can.
+
+    ``max_change`` None skips the coordinate bound (plain SGD without DP-SGD).
+    """
     missing, extra = sorted(set(sent) - set(received)), sorted(set(received) - set(sent))
     if missing or extra:
         return f"tensors differ from the global model: missing {missing[:3]}, extra {extra[:3]}"
@@ -49,7 +73,9 @@ def check_update(received: dict[str, np.ndarray], sent: dict[str, np.ndarray],
             return f"tensor {name!r} has dtype {value.dtype}, expected {expected.dtype}"
         if not np.all(np.isfinite(value)):
             return f"tensor {name!r} holds NaN or Inf"
-        change = float(np.max(np.abs(value.astype(np.float64) - expected))) if value.size else 0.0
+        if max_change is None or not value.size:
+            continue
+        change = float(np.max(np.abs(value.astype(np.float64) - expected)))
         if change > max_change:
             return (f"tensor {name!r} moved a coordinate by {change:.3g}, more than local "
                     f"training can ({max_change:.3g})")

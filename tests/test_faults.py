@@ -168,7 +168,9 @@ def test_dropped_and_hostile_institutions_do_not_stop_the_run(site, tmp_path):
 def test_coordinator_killed_after_round_one_resumes_and_counts_each_round_once(site, tmp_path):
     kits, out = _kits(site, tmp_path, NAMES[:2]), tmp_path / "out"
     agreement = tmp_path / "agreement.json"
-    flags = ["--num-rounds", "3", "--min-available", "2", "--target-epsilon", "6"]
+    # SCAFFOLD: its controls and node map must survive the coordinator's death too.
+    flags = ["--num-rounds", "3", "--min-available", "2", "--target-epsilon", "6",
+             "--strategy", "scaffold", "--optimizer", "sgd", "--learning-rate", "0.5"]
     issue = subprocess.run([str(BIN / "flower-server"), "agreement", "--name", "icd",
                             "--out", str(agreement), "--pki", str(site["root"] / "pki"),
                             "--model", site["model"], "--min-train", "2", "--batch-size",
@@ -195,11 +197,24 @@ def test_coordinator_killed_after_round_one_resumes_and_counts_each_round_once(s
     assert doc["status"] == "completed" and doc["resumed_after"] == [1]
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2, 3]
     assert all(set(r["institutions"]) == set(kits) for r in doc["rounds"][1:])
-    for kit in kits.values():
+    events = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    events = [e for e in events if e["event"] == "correction"]
+    # The resumed coordinator's round-2 corrections (the last ones) still name each
+    # institution: its node map came back from the checkpoint with the controls.
+    resumed = [e for e in events if e["round"] == 2][-len(kits):]
+    assert {e["institution"] for e in resumed} == set(kits)
+    corrections = {(e["round"], e["institution"]): e["correction"]["sha256"] for e in events}
+    for name, kit in kits.items():
         entries = _entries(kit)
         assert [e["round"] for e in entries] == [1, 2, 3]
         assert len({e["run"] for e in entries}) == 1  # one run across the resumption
         assert entries[-1]["epsilon"] <= 6.0
+        journal = [json.loads(line) for line in (kit / "ledger" / "journal.jsonl").read_text(
+            ).splitlines()]
+        trained = {e["round"]: e["correction"] for e in journal if e["event"] == "train"}
+        assert trained[1] is None  # c = 0 before any update
+        for server_round in (2, 3):  # each institution applied the correction sent to it
+            assert trained[server_round]["sha256"] == corrections[(server_round, name)]
 
 
 def test_a_run_that_breaks_the_approved_agreement_is_declined_naming_the_term(site, tmp_path):

@@ -75,6 +75,31 @@ def test_two_institution_dp_federation_end_to_end(tiny_st_bert, hospital_csv, tm
     assert (out / "run.log").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_scaffold_sends_each_institution_its_correction_from_round_two(
+        tiny_st_bert, hospital_csv, tmp_path):
+    out = tmp_path / "run"
+    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_st_bert),
+                "--data", str(hospital_csv), "--text-column", "description",
+                "--label-column", "chapter", "--partition", "column", "--strategy",
+                "scaffold", "--optimizer", "sgd", "--learning-rate", "1", "--batch-size", "32",
+                "--output-dir", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sent = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    sent = {e["institution"]: e["correction"]["sha256"] for e in sent
+            if e["event"] == "correction"}
+    assert set(sent) == {"hospital-a", "hospital-b"}  # round 2 only, by name
+    assert sent["hospital-a"] != sent["hospital-b"]  # c − c_i differs per institution
+    for name, digest in sent.items():
+        journal = next((out / "ledgers").glob(f"run-*/{name}/journal.jsonl"))
+        trained = [json.loads(line) for line in journal.read_text().splitlines()]
+        trained = [e for e in trained if e["event"] == "train"]
+        assert [e["round"] for e in trained] == [1, 2]
+        assert trained[0]["correction"] is None and trained[1]["correction"]["sha256"] == digest
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["rounds"][2]["failures"] == []
+
+
 def test_bad_flag_value_exits_2_naming_the_flag(tmp_path):
     done = _run("--target-epsilon", "-3", cwd=tmp_path)
     assert done.returncode == 2

@@ -1,0 +1,129 @@
+"""SCAFFOLD (Karimireddy et al., ICML 2020) on top of FedAvgM, kept at the coordinator.
+
+Under label skew each institution's local steps drift towards its own optimum.
+SCAFFOLD corrects every local SGD step by ``c − c_i``: ``c_i`` estimates institution
+i's average gradient, ``c`` the federation's. fedsilo keeps both at the coordinator
+and derives them from what it already receives (the paper's option II):
+``c_i ← c_i − c + (x − y_i) / (K_i · lr)`` for global tensors ``x``, institution i's
+trained tensors ``y_i`` and its ``K_i`` local steps, and ``c`` is the mean of the
+``c_i`` of every institution seen so far (the paper's ``c + Σ Δc_i / N``). Both are
+post-processing of released, already-noised updates, so the correction costs no
+privacy; each institution receives only its own ``c − c_i``. Server momentum
+(``--server-momentum``) then applies to the averaged update as in FedAvgM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvgM
+
+from fedsilo.common import journal
+from fedsilo.common.wire import CORRECTION_KEY
+from fedsilo.server.replies import ReportingMixin
+from fedsilo.server.report import institution_name
+
+log = logging.getLogger(__name__)
+
+#: Separates institution and tensor name in the checkpointed ``c_i`` keys.
+_SEP = "/"
+
+
+class ReportingScaffold(ReportingMixin, FedAvgM):
+    """FedAvgM whose train messages carry each institution's SCAFFOLD correction.
+
+    State (checkpointed with the round): ``server_control`` (``c`` by tensor name),
+    ``client_controls`` (``c_i`` under ``"<institution>/<tensor>"``) and
+    ``node_institutions`` (which Flower node each institution answered from).
+    """
+
+    fold_updates = True
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.server_control: dict[str, np.ndarray] = {}
+        self.client_controls: dict[str, np.ndarray] = {}
+        self.node_institutions: dict[str, np.ndarray] = {}  # str(node id) → name (0-d str)
+        self._pending: dict[str, dict[str, np.ndarray]] = {}  # this round's new c_i
+        self._sizes: dict[int, float] = {}  # node id → largest |c − c_i| sent
+
+    def _controls(self, institution: str) -> dict[str, np.ndarray]:
+        """``c_i`` of ``institution`` by tensor name (empty before its first update)."""
+        split = (key.rsplit(_SEP, 1) for key in self.client_controls)
+        return {tensor: self.client_controls[owner + _SEP + tensor] for owner, tensor in split
+                if owner == institution}
+
+    def _correction(self, node_id: int) -> dict[str, np.ndarray]:
+        """``c − c_i`` for the institution last seen at ``node_id`` (``c`` for a new one)."""
+        name = self.node_institutions.get(str(node_id))
+        own = self._controls(str(name)) if name is not None else {}
+        return {k: c - own[k] if k in own else c for k, c in self.server_control.items()}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvgM's messages, each with its institution's correction (none in round 1)."""
+        self._pending, self._sizes = {}, {}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if not self.server_control:
+            return messages
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            correction = self._correction(node)
+            self._sizes[node] = max(
+                (float(np.abs(v).max()) for v in correction.values() if v.size), default=0.0)
+            name = self.node_institutions.get(str(node))
+            journal.append(self.report.journal, "correction", round=server_round, node=node,
+                           institution=None if name is None else str(name),
+                           correction=journal.digest(correction))
+            content = RecordDict({**msg.content.array_records, **msg.content.config_records,
+                                  CORRECTION_KEY: ArrayRecord(
+                                      {k: Array(v) for k, v in correction.items()})})
+            out.append(Message(content, dst_node_id=node,
+                               message_type=msg.metadata.message_type))
+        return out
+
+    def correction_size(self, reply: Message) -> float:
+        """Largest ``|c − c_i|`` this round sent to the reply's node."""
+        return self._sizes.get(reply.metadata.src_node_id, 0.0)
+
+    def on_accepted(self, reply: Message, sent: dict[str, np.ndarray]) -> None:
+        """Derive the institution's new ``c_i`` from its accepted update."""
+        steps = int(reply.content["metrics"]["steps"])
+        name = institution_name(reply)
+        self.node_institutions[str(reply.metadata.src_node_id)] = np.array(name)
+        if steps < 1:
+            return
+        arrays = reply.content["arrays"]
+        trained = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+        own, scale = self._controls(name), 1.0 / (steps * self.train.learning_rate)
+        self._pending[name] = {
+            k: (own.get(k, 0.0) - self.server_control.get(k, 0.0)
+                + (sent[k].astype(np.float64) - trained[k]) * scale).astype(np.float32)
+            for k in sent}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
+        ArrayRecord | None, MetricRecord | None
+    ]:
+        """Aggregate as FedAvgM, then take up the round's new ``c_i`` and update ``c``."""
+        result = super().aggregate_train(server_round, replies)
+        for name, controls in self._pending.items():
+            self.client_controls |= {name + _SEP + k: v for k, v in controls.items()}
+        if self._pending:
+            names = {k.rsplit(_SEP, 1)[0] for k in self.client_controls}
+            sums: dict[str, np.ndarray] = {}
+            for key, value in self.client_controls.items():
+                tensor = key.rsplit(_SEP, 1)[1]
+                sums[tensor] = sums.get(tensor, 0.0) + value.astype(np.float64)
+            self.server_control = {k: (v / len(names)).astype(np.float32)
+                                   for k, v in sums.items()}
+            log.info("round %d: SCAFFOLD controls of %d institutions (%d new); largest "
+                     "|c| %.3g", server_round, len(names), len(self._pending),
+                     max(float(np.abs(v).max()) for v in self.server_control.values()))
+        self._pending = {}
+        return result
+
