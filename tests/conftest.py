@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import resolve_model_path
 
 configure_logging()
+
+
+@pytest.fixture
+def task_identity() -> None:
+    """Flower creates messages inside a task; pretend to be one (``usefixtures``)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.server import checkpoint
@@ -17,9 +16,7 @@ SENT = {"w": RNG.normal(size=(8, 5)).astype(np.float32),
         "b": RNG.normal(size=5).astype(np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 def _reply(i: int, examples: int) -> Message:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from fedsilo.client import client_app, tasks
@@ -15,11 +14,7 @@ from fedsilo.common.model import get_trainable_state, load_model, trainable_name
 from fedsilo.common.task import federation_labels
 from fedsilo.common.wire import DECLINED_CODE
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are created inside a Flower task; pretend to be one."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.client.policy import PolicyError, institution_config
 from fedsilo.common.config import FedsiloConfig
@@ -21,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simulations" / "run_simulation.py"
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 def _spent(cfg: FedsiloConfig, sigma: float) -> float:

@@ -8,7 +8,6 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.common.config import FederationConfig
 from fedsilo.server import checkpoint
@@ -16,10 +15,7 @@ from fedsilo.server.rounds import run_rounds
 from fedsilo.server.secagg import SecAggFedAvg
 from fedsilo.server.waiting import SUPERLINK_NODE_ID, Missing, PatientGrid
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 class ScriptedGrid:

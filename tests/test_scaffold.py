@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
@@ -23,9 +22,7 @@ LR, STEPS = 0.5, 4
 RNG = np.random.default_rng(3)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 class _Grid:

@@ -13,7 +13,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from transformers import AutoModelForSequenceClassification
 
 from fedsilo.client import messages
@@ -27,9 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simulations" / "run_simulation.py"
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 def _context(clipping_range=0.5, max_weight=100.0):

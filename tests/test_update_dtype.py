@@ -3,16 +3,12 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.client.messages import Request, released_arrays
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.server.replies import decode_update
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
@@ -13,10 +12,7 @@ from fedsilo.server.report import RunReport
 from fedsilo.server.strategy import build_strategy
 from fedsilo.server.validation import check_update, max_coordinate_change, planned_steps
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 SENT = {"w": np.zeros((3, 4), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}

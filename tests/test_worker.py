@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.client import client_app, tasks, worker
 from fedsilo.common.config import FedsiloConfig
@@ -15,10 +14,7 @@ from fedsilo.common.model import get_trainable_state, load_model
 from fedsilo.common.processes import child_env
 from fedsilo.common.task import federation_labels
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
 
 @pytest.fixture(scope="module")
