@@ -9,7 +9,9 @@ trained tensors ``y_i`` and its ``K_i`` local steps, and ``c`` is the mean of th
 ``c_i`` of every institution seen so far (the paper's ``c + Σ Δc_i / N``). Both are
 post-processing of released, already-noised updates, so the correction costs no
 privacy; each institution receives only its own ``c − c_i``. Server momentum
-(``--server-momentum``) then applies to the averaged update as in FedAvgM.
+(``--server-momentum``) then applies to the averaged update as in FedAvgM. Unlike
+the other strategies, the coordinator's memory grows with institutions × trainable
+tensors (one ``c_i`` each), which saves the institutions a second upload per round.
 """
 
 from __future__ import annotations
