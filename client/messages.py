@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedsilo.common.wire import CORRECTION_KEY, INSTITUTION_KEY
+from fedsilo.common.wire import CORRECTION_KEY, INSTITUTION_KEY, named_arrays
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,9 @@ def read_request(msg: Message) -> Request:
             arrays = content.array_records[f"{prefix}.parameters"].to_numpy_ndarrays()
             return Request(arrays, dict(content.config_records[f"{prefix}.config"]), True)
     config = dict(content.config_records["config"]) if "config" in content else {}
-    correction = (_named(content.array_records[CORRECTION_KEY])
+    correction = (named_arrays(content.array_records[CORRECTION_KEY])
                   if CORRECTION_KEY in content.array_records else {})
-    return Request(_named(content["arrays"]), config, False, correction)
-
-
-def _named(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+    return Request(named_arrays(content["arrays"]), config, False, correction)
 
 
 def name_arrays(request: Request, names: list[str]) -> dict[str, np.ndarray]:

@@ -295,7 +295,7 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
              num_examples=n, steps=result.steps,
              epsilon=None if math.isinf(metrics["epsilon"]) else metrics["epsilon"],
              delta=metrics["delta"],
-             correction=journal.digest(dict(request.correction)) if request.correction else None)
+             correction=journal.digest(request.correction) if request.correction else None)
     log.info("%s: trained %d steps on %d examples, loss %.4f, ε %.3f, %d bytes out",
              task.data.name, result.steps, n, result.loss, metrics["epsilon"],
              sum(a.nbytes for a in released.values()))

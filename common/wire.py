@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import ArrayRecord
 
 #: Reply record naming the institution that sent it (a ConfigRecord with ``name``).
@@ -25,6 +26,11 @@ RECEIVED_PREFIX = "received-"
 #: Train-message record (``--strategy scaffold``): the institution's drift correction
 #: ``c − c_i``, float32 tensors named as the trainable ones, applied after each local step.
 CORRECTION_KEY = "scaffold-correction"
+
+
+def named_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The tensors of ``record`` as numpy arrays by name."""
+    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
 
 
 def array_record_bytes(record: ArrayRecord) -> int:

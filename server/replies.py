@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from fedsilo.common import journal
 from fedsilo.common.config import PrivacyConfig, TrainConfig
+from fedsilo.common.wire import named_arrays
 from fedsilo.server.report import RunReport, institution_name
 from fedsilo.server.validation import (
     check_update,
@@ -41,15 +42,11 @@ def decode_update(reply: Message, sent: ArrayRecord) -> Message:
     arrays = reply.content["arrays"]
     if not any(a.dtype == "float16" for a in arrays.values()) or set(arrays) != set(sent):
         return reply
-    base = dict(zip(sent.keys(), sent.to_numpy_ndarrays(), strict=True))
+    base = named_arrays(sent)
     decoded = {k: Array(np.asarray(base[k] + v.astype(np.float32), dtype=base[k].dtype))
                for k, v in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
     reply.content["arrays"] = ArrayRecord(decoded)
     return reply
-
-
-def _named(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
 
 
 def _journal_reply(report: RunReport, server_round: int, reply: Message) -> None:
@@ -63,7 +60,7 @@ def _journal_reply(report: RunReport, server_round: int, reply: Message) -> None
     eps = float(reply.content["metrics"]["epsilon"])
     journal.append(report.journal, "received", round=server_round, node=node,
                    institution=institution_name(reply),
-                   update=journal.digest(_named(arrays)) if arrays is not None else None,
+                   update=journal.digest(named_arrays(arrays)) if arrays is not None else None,
                    epsilon=None if np.isinf(eps) else eps)
 
 
@@ -127,12 +124,12 @@ class ReportingMixin:
         """Remember the global tensors this round starts from, and journal them."""
         self._sent, self._round_number, self._state = arrays, server_round, None
         journal.append(self.report.journal, "sent", round=server_round,
-                       global_model=journal.digest(_named(arrays)))
+                       global_model=journal.digest(named_arrays(arrays)))
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def _current(self) -> _Round:
         if self._state is None:
-            sent = _named(self._sent)
+            sent = named_arrays(self._sent)
             largest = max((float(np.abs(v).max()) for v in sent.values() if v.size),
                           default=0.0)
             self._state = _Round(sent, largest)
@@ -181,7 +178,7 @@ class ReportingMixin:
         arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
         if arrays is not None:  # keep the model's dtypes (FedAdam's step returns float64)
             arrays = ArrayRecord({k: Array(np.asarray(v, dtype=state.sent[k].dtype))
-                                  for k, v in _named(arrays).items()})
+                                  for k, v in named_arrays(arrays).items()})
         self.report.record_aggregation(server_round,
                                        state.seconds + time.perf_counter() - started)
         self._state = None
@@ -199,8 +196,7 @@ class ReportingMixin:
         """Why this update cannot be aggregated (structure, values, size), or None."""
         if "arrays" not in reply.content.array_records:
             return "the reply carries no tensors"
-        arrays = reply.content["arrays"]
-        received = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+        received = named_arrays(reply.content["arrays"])
         metrics, train = reply.content["metrics"], self.train
         examples = int(metrics["num-examples"])
         steps = planned_steps(examples, train.batch_size, train.local_epochs)

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 
 from fedsilo.common import journal
-from fedsilo.common.wire import CORRECTION_KEY
+from fedsilo.common.wire import CORRECTION_KEY, named_arrays
 from fedsilo.server.replies import ReportingMixin
 from fedsilo.server.report import institution_name
 
@@ -48,21 +48,37 @@ class ReportingScaffold(ReportingMixin, FedAvgM):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.server_control: dict[str, np.ndarray] = {}
-        self.client_controls: dict[str, np.ndarray] = {}
-        self.node_institutions: dict[str, np.ndarray] = {}  # str(node id) → name (0-d str)
+        self._controls: dict[str, dict[str, np.ndarray]] = {}  # institution → c_i
+        self._nodes: dict[int, str] = {}  # node id → institution
         self._pending: dict[str, dict[str, np.ndarray]] = {}  # this round's new c_i
         self._sizes: dict[int, float] = {}  # node id → largest |c − c_i| sent
 
-    def _controls(self, institution: str) -> dict[str, np.ndarray]:
-        """``c_i`` of ``institution`` by tensor name (empty before its first update)."""
-        split = (key.rsplit(_SEP, 1) for key in self.client_controls)
-        return {tensor: self.client_controls[owner + _SEP + tensor] for owner, tensor in split
-                if owner == institution}
+    @property
+    def client_controls(self) -> dict[str, np.ndarray]:
+        """Every ``c_i``, flat for the checkpoint: ``"<institution>/<tensor>"``."""
+        return {name + _SEP + k: v for name, own in self._controls.items()
+                for k, v in own.items()}
+
+    @client_controls.setter
+    def client_controls(self, flat: dict[str, np.ndarray]) -> None:
+        self._controls = {}
+        for key, value in flat.items():
+            name, tensor = key.rsplit(_SEP, 1)  # tensor names hold no "/"
+            self._controls.setdefault(name, {})[tensor] = value
+
+    @property
+    def node_institutions(self) -> dict[str, np.ndarray]:
+        """The node → institution map, flat for the checkpoint (0-d string arrays)."""
+        return {str(node): np.array(name) for node, name in self._nodes.items()}
+
+    @node_institutions.setter
+    def node_institutions(self, saved: dict[str, np.ndarray]) -> None:
+        self._nodes = {int(node): str(name) for node, name in saved.items()}
 
     def _correction(self, node_id: int) -> dict[str, np.ndarray]:
         """``c − c_i`` for the institution last seen at ``node_id`` (``c`` for a new one)."""
-        name = self.node_institutions.get(str(node_id))
-        own = self._controls(str(name)) if name is not None else {}
+        name = self._nodes.get(node_id)
+        own = self._controls.get(name, {}) if name is not None else {}
         return {k: c - own[k] if k in own else c for k, c in self.server_control.items()}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -78,9 +94,8 @@ class ReportingScaffold(ReportingMixin, FedAvgM):
             correction = self._correction(node)
             self._sizes[node] = max(
                 (float(np.abs(v).max()) for v in correction.values() if v.size), default=0.0)
-            name = self.node_institutions.get(str(node))
             journal.append(self.report.journal, "correction", round=server_round, node=node,
-                           institution=None if name is None else str(name),
+                           institution=self._nodes.get(node),
                            correction=journal.digest(correction))
             content = RecordDict({**msg.content.array_records, **msg.content.config_records,
                                   CORRECTION_KEY: ArrayRecord(
@@ -96,13 +111,11 @@ class ReportingScaffold(ReportingMixin, FedAvgM):
     def on_accepted(self, reply: Message, sent: dict[str, np.ndarray]) -> None:
         """Derive the institution's new ``c_i`` from its accepted update."""
         steps = int(reply.content["metrics"]["steps"])
-        name = institution_name(reply)
-        self.node_institutions[str(reply.metadata.src_node_id)] = np.array(name)
+        name = self._nodes[reply.metadata.src_node_id] = institution_name(reply)
         if steps < 1:
             return
-        arrays = reply.content["arrays"]
-        trained = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
-        own, scale = self._controls(name), 1.0 / (steps * self.train.learning_rate)
+        trained = named_arrays(reply.content["arrays"])
+        own, scale = self._controls.get(name, {}), 1.0 / (steps * self.train.learning_rate)
         self._pending[name] = {
             k: (own.get(k, 0.0) - self.server_control.get(k, 0.0)
                 + (sent[k].astype(np.float64) - trained[k]) * scale).astype(np.float32)
@@ -113,18 +126,14 @@ class ReportingScaffold(ReportingMixin, FedAvgM):
     ]:
         """Aggregate as FedAvgM, then take up the round's new ``c_i`` and update ``c``."""
         result = super().aggregate_train(server_round, replies)
-        for name, controls in self._pending.items():
-            self.client_controls |= {name + _SEP + k: v for k, v in controls.items()}
         if self._pending:
-            names = {k.rsplit(_SEP, 1)[0] for k in self.client_controls}
-            sums: dict[str, np.ndarray] = {}
-            for key, value in self.client_controls.items():
-                tensor = key.rsplit(_SEP, 1)[1]
-                sums[tensor] = sums.get(tensor, 0.0) + value.astype(np.float64)
-            self.server_control = {k: (v / len(names)).astype(np.float32)
-                                   for k, v in sums.items()}
+            self._controls |= self._pending
+            tensors = next(iter(self._controls.values()))  # every c_i has the same names
+            self.server_control = {
+                k: (sum(own[k].astype(np.float64) for own in self._controls.values())
+                    / len(self._controls)).astype(np.float32) for k in tensors}
             log.info("round %d: SCAFFOLD controls of %d institutions (%d new); largest "
-                     "|c| %.3g", server_round, len(names), len(self._pending),
+                     "|c| %.3g", server_round, len(self._controls), len(self._pending),
                      max(float(np.abs(v).max()) for v in self.server_control.values()))
         self._pending = {}
         return result

@@ -24,6 +24,7 @@ from fedsilo.common.model import (
     set_trainable_state,
 )
 from fedsilo.common.task import EvalResult, encode, evaluate, federation_labels
+from fedsilo.common.wire import named_arrays
 from fedsilo.server import checkpoint
 from fedsilo.server.outputs import save_model
 from fedsilo.server.plots import write_artefacts
@@ -124,14 +125,15 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
         log.info("resuming run %d after round %d of %d from %s", run_key, ckpt.server_round,
                  fed.num_rounds, out / checkpoint.FILE)
     else:
-        report.record_centralized_eval(0, centralized(0, _named(arrays)))
+        report.record_centralized_eval(0, centralized(0, named_arrays(arrays)))
         report.finish_round(0)
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
-        report.record_centralized_eval(server_round, centralized(server_round, _named(arrays)))
+        tensors = named_arrays(arrays)
+        report.record_centralized_eval(server_round, centralized(server_round, tensors))
         report.finish_round(server_round)
         checkpoint.save(out, checkpoint.Checkpoint(
-            server_round, run_key, _named(arrays), checkpoint.strategy_state(strategy),
+            server_round, run_key, tensors, checkpoint.strategy_state(strategy),
             cfg.to_flat(), report.doc))
 
     patient = PatientGrid(
@@ -150,8 +152,4 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
                        first=first, last=fed.num_rounds, run_key=run_key,
                        timeout=fed.round_timeout, evaluate_every=fed.evaluate_every,
                        end_of_round=end_of_round, fused_evaluation=fed.fused_evaluation)
-    return _named(final)
-
-
-def _named(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+    return named_arrays(final)

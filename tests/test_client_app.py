@@ -12,7 +12,7 @@ from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.model import get_trainable_state, load_model, trainable_names
 from fedsilo.common.task import federation_labels
-from fedsilo.common.wire import DECLINED_CODE
+from fedsilo.common.wire import DECLINED_CODE, named_arrays
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
@@ -73,10 +73,6 @@ def test_train_declines_when_the_budget_is_spent_before_any_step(cfg, monkeypatc
         reply.error.reason
 
 
-def _named(record):
-    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
-
-
 def test_a_repeated_round_resends_the_same_update_and_is_counted_once(cfg, monkeypatch):
     """A resumed coordinator asks again: same bytes out, no new spend, one ledger line."""
     context = _context(cfg)
@@ -84,8 +80,8 @@ def test_a_repeated_round_resends_the_same_update_and_is_counted_once(cfg, monke
     monkeypatch.setattr(tasks, "train_private", lambda *a: pytest.fail("trained twice"))
     again = client_app.train(_message(cfg, "train", 1)[0], context)
     assert not again.has_error()
-    assert journal.digest(_named(again.content["arrays"])) == \
-        journal.digest(_named(first.content["arrays"]))
+    assert journal.digest(named_arrays(again.content["arrays"])) == \
+        journal.digest(named_arrays(first.content["arrays"]))
     for key in ("epsilon", "num-examples", "steps", "train-loss"):
         assert again.content["metrics"][key] == first.content["metrics"][key]
     folder = Path(cfg.federation.output_dir) / "ledgers" / "run-1" / "institution-1"
@@ -95,7 +91,7 @@ def test_a_repeated_round_resends_the_same_update_and_is_counted_once(cfg, monke
     assert len(entries) == 1 and entries[0]["epsilon"] == first.content["metrics"]["epsilon"]
     events = journal.read(folder / "journal.jsonl")
     assert [e["event"] for e in events] == ["train", "train"]
-    assert events[0]["sent"] == journal.digest(_named(first.content["arrays"]))
+    assert events[0]["sent"] == journal.digest(named_arrays(first.content["arrays"]))
     assert events[0]["sent"] == events[1]["sent"] and events[0]["round"] == 1
 
 
@@ -103,7 +99,7 @@ def test_a_repeated_round_with_another_global_model_is_declined(cfg, monkeypatch
     context = _context(cfg)
     first = client_app.train(_message(cfg, "train", 1)[0], context)
     msg, _ = _message(cfg, "train", 1)
-    arrays = _named(msg.content["arrays"])
+    arrays = named_arrays(msg.content["arrays"])
     name = next(iter(arrays))
     arrays[name] = arrays[name] + 1.0  # not the model round 1 was trained from
     msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})

@@ -13,7 +13,7 @@ from fedsilo.client.train import train_plain, train_private
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.common.data import LabelMap
 from fedsilo.common.model import load_model
-from fedsilo.common.wire import CORRECTION_KEY
+from fedsilo.common.wire import CORRECTION_KEY, named_arrays
 from fedsilo.server import checkpoint
 from fedsilo.server.report import RunReport
 from fedsilo.server.strategy import build_strategy
@@ -48,10 +48,6 @@ def _arrays(values):
     return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in values.items()})
 
 
-def _numpy(record):
-    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
-
-
 def _reply(node, name, trained, steps=STEPS, noise=1.0):
     content = RecordDict({"arrays": _arrays(trained),
                           "metrics": MetricRecord({"num-examples": 100, "train-loss": 1.0,
@@ -71,13 +67,13 @@ def _round(strategy, server_round, x, nodes, trained):
     sent = {m.metadata.dst_node_id: m for m in messages}
     replies = [strategy.absorb(_reply(n, f"site/{n}", t)) for n, t in trained.items()]
     arrays, _ = strategy.aggregate_train(server_round, replies)
-    return sent, None if arrays is None else _numpy(arrays)
+    return sent, None if arrays is None else named_arrays(arrays)
 
 
 def _correction(message):
     if CORRECTION_KEY not in message.content.array_records:
         return None
-    return _numpy(message.content[CORRECTION_KEY])
+    return named_arrays(message.content[CORRECTION_KEY])
 
 
 def test_controls_follow_option_two_and_each_institution_gets_its_own_correction(tmp_path):
@@ -99,7 +95,7 @@ def test_controls_follow_option_two_and_each_institution_gets_its_own_correction
                                        atol=1e-6)
     for k in x1:
         np.testing.assert_allclose(_correction(sent[3])[k], c[k], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(_numpy(sent[1].content["arrays"])["w"],
+    np.testing.assert_array_equal(named_arrays(sent[1].content["arrays"])["w"],
                                   np.asarray(x2["w"], np.float32))  # the model is the same
 
     # Option II again: c_i ← c_i − c + (x − y_i) / (K · lr); c is the mean of the c_i.
