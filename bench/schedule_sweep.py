@@ -6,11 +6,13 @@ run can be replayed in one process in seconds: the demo's three institutions
 (their exact shares, features computed once), each running fedsilo's own DP-SGD
 round (:func:`fedsilo.client.train.train_private`, noise calibrated by
 :func:`fedsilo.client.privacy.plan` for the whole run), averaged by FedAvg weighted
-by examples, evaluated on the demo's holdout. Every pooling (``--pooling`` mean, the
-default's choice for MiniLM, and cls), schedule (rounds × local epochs), expected
-batch size and learning rate is run ``--repeats`` times (the DP noise differs
-between repeats), beside a centralized non-private run on the pooled shares with
-the same number of epochs (at the demo's batch size and learning rate).
+by examples (or with FedAvgM's server momentum), evaluated on the demo's holdout.
+Every pooling (``--pooling`` mean, the default's choice for MiniLM, and cls),
+strategy, schedule (rounds × local epochs), expected batch size, learning rate and
+clipping norm is run ``--repeats`` times per data seed (the DP noise differs between
+repeats; a seed gives other shares, holdout and initial head), beside a centralized
+non-private run on that seed's pooled shares with the same number of epochs (at the
+demo's batch size and learning rate); the table gives each seed's gap in points.
 ``bench/utility.py`` then measures the chosen schedule end to end.
 
     .venv/bin/python bench/schedule_sweep.py   # writes bench/results/schedule_sweep.{json,md}
@@ -66,8 +68,15 @@ def features(cfg: FedsiloConfig) -> tuple[Head, list[TensorDataset], TensorDatas
 
 def run(head: Head, initial: dict[str, torch.Tensor], cfg: FedsiloConfig,
         shares: list[TensorDataset], holdout: TensorDataset, dp: bool) -> float:
-    """Holdout accuracy of one federated run of ``cfg`` from ``initial`` (FedAvg)."""
+    """Holdout accuracy of one federated run of ``cfg`` from ``initial``.
+
+    FedAvg weighted by examples; with ``cfg``'s strategy ``fedavgm``, server momentum
+    as in Flower's FedAvgM at server learning rate 1 (``v ← m·v + (x − avg)``,
+    ``x ← x − v``).
+    """
     set_trainable_state(head, initial)
+    momentum = cfg.federation.server_momentum if cfg.federation.strategy == "fedavgm" else 0.0
+    velocity: dict[str, torch.Tensor] = {}
     weights = [len(d) for d in shares]
     plans = [plan(num_examples=n, batch_size=cfg.train.batch_size,
                   local_epochs=cfg.train.local_epochs, num_rounds=cfg.federation.num_rounds,
@@ -84,9 +93,12 @@ def run(head: Head, initial: dict[str, torch.Tensor], cfg: FedsiloConfig,
                 train_plain(head, data, cfg, DEVICE)
             trained.append(get_trainable_state(head))
         total = sum(weights)
-        set_trainable_state(head, {
-            name: sum(w * t[name] for w, t in zip(weights, trained, strict=True)) / total
-            for name in start})
+        step = {name: start[name] - sum(w * t[name] for w, t in zip(weights, trained,
+                                                                    strict=True)) / total
+                for name in start}
+        velocity = {name: momentum * velocity[name] + step[name] if velocity else step[name]
+                    for name in start}
+        set_trainable_state(head, {name: start[name] - velocity[name] for name in start})
     return evaluate(head, holdout, DEVICE).accuracy
 
 
@@ -95,11 +107,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--poolings", nargs="+", default=["mean", "cls"],
                         choices=["mean", "cls"])
+    parser.add_argument("--strategies", nargs="+", default=["fedavg"],
+                        choices=["fedavg", "fedavgm"])
     parser.add_argument("--schedules", nargs="+", default=["3x1", "3x3", "5x3", "10x3"],
                         help="ROUNDSxEPOCHS")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.01, 0.03])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--clip-norms", type=float, nargs="+", default=[1.0],
+                        help="per-example clipping norms (--max-grad-norm)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="data seeds: each gives other shares, holdout and start")
+    parser.add_argument("--repeats", type=int, default=2, help="DP runs per seed")
+    parser.add_argument("--name", default="schedule_sweep",
+                        help="writes bench/results/NAME.{json,md}")
     args = parser.parse_args()
     # force: importing Opacus has already given the root logger a WARNING-level handler.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
@@ -109,38 +129,59 @@ def main() -> None:
     base = sim.resolve_config(sim.build_parser().parse_args([]))
     started = time.monotonic()
     schedules = [tuple(int(x) for x in s.split("x")) for s in args.schedules]
-    results, rows = [], []
-    for pooling in args.poolings:
-        head, shares, holdout = features(base.replace(pooling=pooling))
+    settings = list(itertools.product(args.poolings, args.strategies, schedules,
+                                      args.batch_sizes, args.learning_rates, args.clip_norms))
+    accs: dict[tuple, dict[int, list[float]]] = {s: {} for s in settings}
+    central: dict[tuple, float] = {}  # (pooling, seed, rounds, epochs) → accuracy
+    examples: dict[int, list[int]] = {}
+    for pooling, seed in itertools.product(args.poolings, args.seeds):
+        seeded = base.replace(pooling=pooling, seed=seed)
+        head, shares, holdout = features(seeded)
+        examples[seed] = [len(d) for d in shares]
         initial = get_trainable_state(head)
         pooled = [TensorDataset(*(torch.cat(t) for t in zip(*(d.tensors for d in shares),
                                                               strict=True)))]
-        central = {(r, e): run(head, initial, base.replace(num_rounds=r, local_epochs=e),
-                               pooled, holdout, dp=False) for r, e in schedules}
-        for (rounds, epochs), bs, lr in itertools.product(schedules, args.batch_sizes,
-                                                          args.learning_rates):
-            setting = {"pooling": pooling,
-                       "head_parameters": sum(p.numel() for p in head.parameters()),
-                       "rounds": rounds, "epochs": epochs, "batch_size": bs,
-                       "learning_rate": lr}
-            cfg = base.replace(num_rounds=rounds, local_epochs=epochs, batch_size=bs,
-                               learning_rate=lr)
-            accs = [run(head, initial, cfg, shares, holdout, dp=True)
-                    for _ in range(args.repeats)]
-            pooled_acc = central[rounds, epochs]
-            results.append({**setting, "epsilon": cfg.privacy.target_epsilon,
-                            "federated_accuracies": accs,
-                            "centralized_no_dp_accuracy": pooled_acc})
-            rows.append([pooling, f"{rounds} × {epochs}", bs, lr,
-                         f"{statistics.mean(accs):.3f}", f"{min(accs):.3f}–{max(accs):.3f}",
-                         f"{pooled_acc:.3f}"])
-            logging.info("%s: ε = 8 federated %s, centralized %.3f", setting, accs, pooled_acc)
-    table = markdown(["pooling", "rounds × local epochs", "batch", "learning rate",
-                      "ε = 8 federated accuracy (mean)", "range", "centralized no-DP"], rows)
-    path = write("schedule_sweep", {"institutions": INSTITUTIONS, "repeats": args.repeats,
-                                    "examples": [len(d) for d in shares],
-                                    "holdout_examples": len(holdout), "results": results,
-                                    "total_seconds": time.monotonic() - started}, table)
+        for r, e in schedules:
+            central[pooling, seed, r, e] = run(
+                head, initial, seeded.replace(num_rounds=r, local_epochs=e), pooled,
+                holdout, dp=False)
+        for setting in (s for s in settings if s[0] == pooling):
+            _, strategy, (rounds, epochs), bs, lr, clip = setting
+            cfg = seeded.replace(strategy=strategy, num_rounds=rounds, local_epochs=epochs,
+                                 batch_size=bs, learning_rate=lr, max_grad_norm=clip)
+            accs[setting][seed] = [run(head, initial, cfg, shares, holdout, dp=True)
+                                   for _ in range(args.repeats)]
+            logging.info("%s seed %d: ε = 8 federated %s, centralized %.3f", setting, seed,
+                         accs[setting][seed], central[pooling, seed, rounds, epochs])
+    results, rows = [], []
+    for setting in settings:
+        pooling, strategy, (rounds, epochs), bs, lr, clip = setting
+        gaps = {seed: 100 * (central[pooling, seed, rounds, epochs] - statistics.mean(a))
+                for seed, a in accs[setting].items()}
+        flat = [x for a in accs[setting].values() for x in a]
+        cent = [central[pooling, seed, rounds, epochs] for seed in args.seeds]
+        results.append({"pooling": pooling, "strategy": strategy, "rounds": rounds,
+                        "epochs": epochs, "batch_size": bs, "learning_rate": lr,
+                        "max_grad_norm": clip,
+                        "epsilon": base.privacy.target_epsilon,
+                        "federated_accuracies": {str(k): v for k, v in accs[setting].items()},
+                        "centralized_no_dp_accuracy": {
+                            str(seed): central[pooling, seed, rounds, epochs]
+                            for seed in args.seeds},
+                        "gap_points": {str(k): v for k, v in gaps.items()}})
+        rows.append([pooling, strategy, f"{rounds} × {epochs}", bs, lr, clip,
+                     f"{statistics.mean(flat):.3f}", f"{min(flat):.3f}–{max(flat):.3f}",
+                     f"{statistics.mean(cent):.3f}",
+                     " / ".join(f"{gaps[seed]:.1f}" for seed in args.seeds),
+                     f"{max(gaps.values()):.1f}"])
+    table = markdown(["pooling", "strategy", "rounds × local epochs", "batch", "learning rate",
+                      "clip norm", "ε = 8 federated accuracy (mean)", "range",
+                      "centralized no-DP (mean)", "gap per seed (points)", "worst gap"], rows)
+    path = write(args.name, {"institutions": INSTITUTIONS, "repeats": args.repeats,
+                             "seeds": args.seeds,
+                             "examples": {str(k): v for k, v in examples.items()},
+                             "results": results,
+                             "total_seconds": time.monotonic() - started}, table)
     print(table)
     logging.info("wrote %s", path)
 
