@@ -96,8 +96,7 @@ def run(head: Head, initial: dict[str, torch.Tensor], cfg: FedsiloConfig,
         step = {name: start[name] - sum(w * t[name] for w, t in zip(weights, trained,
                                                                     strict=True)) / total
                 for name in start}
-        velocity = {name: momentum * velocity[name] + step[name] if velocity else step[name]
-                    for name in start}
+        velocity = {name: momentum * velocity.get(name, 0.0) + step[name] for name in start}
         set_trainable_state(head, {name: start[name] - velocity[name] for name in start})
     return evaluate(head, holdout, DEVICE).accuracy
 
@@ -134,10 +133,13 @@ def main() -> None:
     accs: dict[tuple, dict[int, list[float]]] = {s: {} for s in settings}
     central: dict[tuple, float] = {}  # (pooling, seed, rounds, epochs) → accuracy
     examples: dict[int, list[int]] = {}
+    holdouts: dict[int, int] = {}
+    head_parameters: dict[str, int] = {}
     for pooling, seed in itertools.product(args.poolings, args.seeds):
         seeded = base.replace(pooling=pooling, seed=seed)
         head, shares, holdout = features(seeded)
-        examples[seed] = [len(d) for d in shares]
+        examples[seed], holdouts[seed] = [len(d) for d in shares], len(holdout)
+        head_parameters[pooling] = sum(p.numel() for p in head.parameters())
         initial = get_trainable_state(head)
         pooled = [TensorDataset(*(torch.cat(t) for t in zip(*(d.tensors for d in shares),
                                                               strict=True)))]
@@ -160,7 +162,8 @@ def main() -> None:
                 for seed, a in accs[setting].items()}
         flat = [x for a in accs[setting].values() for x in a]
         cent = [central[pooling, seed, rounds, epochs] for seed in args.seeds]
-        results.append({"pooling": pooling, "strategy": strategy, "rounds": rounds,
+        results.append({"pooling": pooling, "head_parameters": head_parameters[pooling],
+                        "strategy": strategy, "rounds": rounds,
                         "epochs": epochs, "batch_size": bs, "learning_rate": lr,
                         "max_grad_norm": clip,
                         "epsilon": base.privacy.target_epsilon,
@@ -180,6 +183,7 @@ def main() -> None:
     path = write(args.name, {"institutions": INSTITUTIONS, "repeats": args.repeats,
                              "seeds": args.seeds,
                              "examples": {str(k): v for k, v in examples.items()},
+                             "holdout_examples": {str(k): v for k, v in holdouts.items()},
                              "results": results,
                              "total_seconds": time.monotonic() - started}, table)
     print(table)
