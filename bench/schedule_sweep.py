@@ -143,10 +143,10 @@ def main() -> None:
         initial = get_trainable_state(head)
         pooled = [TensorDataset(*(torch.cat(t) for t in zip(*(d.tensors for d in shares),
                                                               strict=True)))]
-        for r, e in schedules:
+        for r, e in schedules:  # centralized: one holder of all records, plain FedAvg
             central[pooling, seed, r, e] = run(
-                head, initial, seeded.replace(num_rounds=r, local_epochs=e), pooled,
-                holdout, dp=False)
+                head, initial, seeded.replace(strategy="fedavg", num_rounds=r, local_epochs=e),
+                pooled, holdout, dp=False)
         for setting in (s for s in settings if s[0] == pooling):
             _, strategy, (rounds, epochs), bs, lr, clip = setting
             cfg = seeded.replace(strategy=strategy, num_rounds=rounds, local_epochs=epochs,
