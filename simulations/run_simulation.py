@@ -46,8 +46,9 @@ log = logging.getLogger("fedsilo.simulation")
 # steps are cheap (rounds after the first take ~2 s), so it runs 20 rounds of 3 local
 # epochs with server momentum: in the schedule sweep's replay at ε = 8 over seeds
 # 42/43/44, 20 × 3 was the only schedule whose gap to centralized training stayed under
-# 5 points at every seed (10 × 3 missed at seed 42; 10 × 6 and 30 × 3 were no better),
-# and FedAvgM (momentum 0.5) beat plain FedAvg end to end (README, Benchmarks).
+# 5 points at every seed (10 × 3, the previous default, did not; 10 × 6 and 30 × 3 were
+# no better), and FedAvgM (momentum 0.5) beat plain FedAvg end to end (README,
+# Benchmarks).
 DEMO_DEFAULTS = {"max-examples": 6000, "num-rounds": 20, "local-epochs": 3,
                  "strategy": "fedavgm"}
 
