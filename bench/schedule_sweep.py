@@ -32,8 +32,9 @@ from benchlib import RESULTS, markdown, simulation, write
 from opacus.accountants import create_accountant
 from torch.utils.data import TensorDataset
 
-from fedsilo.client.privacy import default_delta, plan
+from fedsilo.client.privacy import plan
 from fedsilo.client.train import train_plain, train_private
+from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import simulated_institution, split_holdout
 from fedsilo.common.features import Head, prepare

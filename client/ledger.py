@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 
 from fedsilo.client.privacy import add_steps
+from fedsilo.common.atomic import atomic_file, write_json_atomic
 
 SCHEMA = "fedsilo.ledger/1"
 
@@ -119,24 +118,9 @@ class Ledger:
         return epsilon
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"schema": SCHEMA, "fingerprint": self.fingerprint, "accountant": self.accountant,
                "entries": [asdict(e) for e in self.entries]}
-        fd, tmp = tempfile.mkstemp(prefix=".ledger-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json_atomic(self.path, doc)
 
 
 def keep_update(folder: Path, fingerprint: str, run: int, server_round: int,
@@ -147,13 +131,6 @@ def keep_update(folder: Path, fingerprint: str, run: int, server_round: int,
     exactly as they left (the update itself under SecAgg+) and ``__num_examples__``.
     """
     path = folder / "released" / f"{fingerprint[:32]}-run-{run}-round-{server_round}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".update-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __num_examples__=np.int64(num_examples), **released)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        np.savez(f, __num_examples__=np.int64(num_examples), **released)
     return path

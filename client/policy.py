@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fedsilo.client.privacy import DeclinedError, default_delta
+from fedsilo.client.privacy import DeclinedError
 from fedsilo.client.worker import SOCKET_KEY
+from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import ConfigError, FedsiloConfig
 
 #: Node-config keys that name the institution's data; they replace the run's values.

@@ -29,11 +29,6 @@ class BudgetExceededError(DeclinedError):
     """Training this round would take the dataset past the institution's ε target."""
 
 
-def default_delta(num_examples: int) -> float:
-    """δ used when none is set: ``min(1e-5, 0.1 / n)``, always below ``1 / n``."""
-    return min(1e-5, 0.1 / num_examples)
-
-
 @dataclass(frozen=True)
 class DPPlan:
     """The DP-SGD parameters an institution uses in every round of a run."""

@@ -12,13 +12,13 @@ that update again: re-sending a released output costs no privacy.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedsilo.common.atomic import atomic_file
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,11 @@ def _path(folder: Path, fingerprint: str, run: int) -> Path:
 def save(folder: Path, fingerprint: str, run: int, release: Release) -> None:
     """Atomically keep ``release`` as the run's latest (replacing the previous round's)."""
     path = _path(folder, fingerprint, run)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"round": release.server_round, "received": release.received_sha256,
             "metrics": release.metrics}
-    fd, tmp = tempfile.mkstemp(prefix=".release-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta)),
-                     **{f"a/{k}": v for k, v in release.arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta)),
+                 **{f"a/{k}": v for k, v in release.arrays.items()})
 
 
 def load(folder: Path, fingerprint: str, run: int, server_round: int,

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from fedsilo.client.bookkeeping import BookKeepingClipper, BookKeepingLoss
 from fedsilo.client.privacy import DPPlan
+from fedsilo.common.bounds import BETA1, BETA2, WEIGHT_DECAY
 from fedsilo.common.config import FedsiloConfig, TrainConfig
 from fedsilo.common.features import logits
 
@@ -38,7 +39,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(BETA1, BETA2),
+                             weight_decay=WEIGHT_DECAY)
 
 
 def _correct_steps(optimizer: torch.optim.Optimizer, correction: Correction | None,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fedsilo.common.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,5 @@ def load_tensors(path: Path, what: str) -> list[torch.Tensor] | None:
 
 def save_tensors(path: Path, tensors: list[torch.Tensor]) -> None:
     """Write ``tensors`` to ``path`` atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(tensors, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(tensors, f)

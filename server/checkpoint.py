@@ -11,13 +11,13 @@ the next round; the settings must be those of the interrupted run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedsilo.common.atomic import atomic_file
 
 FILE = "checkpoint.npz"
 SCHEMA = "fedsilo.checkpoint/1"
@@ -60,21 +60,8 @@ def save(folder: Path, ckpt: Checkpoint) -> Path:
     payload = {f"arrays/{k}": v for k, v in ckpt.arrays.items()}
     for attr, tensors in ckpt.strategy_state.items():
         payload |= {f"{attr}/{k}": v for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta, allow_nan=False)), **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta, allow_nan=False)), **payload)
     return path
 
 

@@ -30,6 +30,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 
+from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
 from fedsilo.server.replies import ReportingMixin
@@ -38,8 +39,8 @@ from fedsilo.server.report import RunReport
 log = logging.getLogger(__name__)
 
 def client_level_delta(cfg: FedsiloConfig) -> float:
-    """δ of the client-level guarantee: the configured δ, else 1 / (10·institutions)."""
-    return cfg.privacy.target_delta or min(1e-5, 0.1 / cfg.federation.min_available)
+    """δ of the client-level guarantee: the configured δ, else the default for n = institutions."""
+    return cfg.privacy.target_delta or default_delta(cfg.federation.min_available)
 
 
 def new_accountant(cfg: FedsiloConfig) -> RdpAccountant:

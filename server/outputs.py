@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedsilo.common.atomic import swap_folder
 from fedsilo.common.lora import merge_lora
 
 
@@ -27,14 +28,7 @@ def save_model(
             param.requires_grad_(True)  # a plain checkpoint: every tensor trainable again
         model.to("cpu").save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
+        swap_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,7 +1,7 @@
 """Coordinator provisioning: private CA, SuperLink TLS certificate and institution kits.
 
 Creates, with ``cryptography`` only (ECDSA P-384 keys; private keys 0600, private folders
-0700; every file written to a temporary file and moved into place with ``os.replace``)::
+0700; every file written through :mod:`fedsilo.common.atomic`)::
 
     ca/ca.key, ca/ca.pem                 private CA, 5 years
     server/server.key, server/server.pem SuperLink TLS certificate signed by the CA
@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsilo.common.atomic import write_atomic
 from fedsilo.common.logs import configure_logging
 from fedsilo.server.kit_template import client_toml
 
@@ -57,6 +57,7 @@ _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DNS = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*", re.IGNORECASE)
 _PEM, _SSH = serialization.Encoding.PEM, serialization.Encoding.OpenSSH
 _ECKey = ec.EllipticCurvePrivateKey
+PUBLIC = 0o644  # certificates, public keys, the allow-list and kit files
 
 
 class ProvisionError(ValueError):
@@ -75,21 +76,6 @@ class Provisioned:
     created: tuple[str, ...] = ()
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomically write ``data`` to ``path``; the file is created with ``mode``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _mkdir(path: Path, private: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
     if private:
@@ -99,7 +85,7 @@ def _mkdir(path: Path, private: bool = False) -> Path:
 
 def _new_key(path: Path, fmt: serialization.PrivateFormat) -> _ECKey:
     key = ec.generate_private_key(ec.SECP384R1())
-    _write(path, key.private_bytes(_PEM, fmt, serialization.NoEncryption()), 0o600)
+    write_atomic(path, key.private_bytes(_PEM, fmt, serialization.NoEncryption()))
     return key
 
 
@@ -159,7 +145,7 @@ def _ensure_ca(ca_dir: Path) -> tuple[_ECKey, x509.Certificate]:
         key = _new_key(key_path, serialization.PrivateFormat.PKCS8)
     name = _name("fedsilo federation CA")
     cert = _cert(name, name, key, CA_DAYS, True, [], key)
-    _write(cert_path, cert.public_bytes(_PEM))
+    write_atomic(cert_path, cert.public_bytes(_PEM), PUBLIC)
     log.info("Created CA %s (valid until %s)", cert_path, cert.not_valid_after_utc.date())
     return key, cert
 
@@ -196,7 +182,7 @@ def _ensure_server(server_dir: Path, hosts: list[str], ca_key: _ECKey,
         if not reasons:
             log.info("Keeping server certificate %s", cert_path)
             return cert_path, key_path
-        _write(cert_path.with_name("server.pem.bak"), cert_path.read_bytes())
+        write_atomic(cert_path.with_name("server.pem.bak"), cert_path.read_bytes(), PUBLIC)
         log.info("Re-issuing server certificate (%s); old one kept as server.pem.bak",
                  ", ".join(reasons))
     if key is None:
@@ -208,7 +194,7 @@ def _ensure_server(server_dir: Path, hosts: list[str], ca_key: _ECKey,
         (x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)]
     subject = _name(hosts[0] if len(hosts[0]) <= 64 else "fedsilo superlink")
     cert = _cert(subject, ca.subject, key, SERVER_DAYS, False, extra, ca_key)
-    _write(cert_path, cert.public_bytes(_PEM))
+    write_atomic(cert_path, cert.public_bytes(_PEM), PUBLIC)
     log.info("Server certificate %s for %s", cert_path, ", ".join(str(n.value) for n in sans))
     return cert_path, key_path
 
@@ -237,7 +223,7 @@ def _ensure_kit(kit: Path, name: str, superlink: str, ca_pem: bytes) -> tuple[by
              "client.toml": client_toml(name, superlink).encode()}
     for fname, data in files.items():
         if not (kit / fname).exists():
-            _write(kit / fname, data)
+            write_atomic(kit / fname, data, PUBLIC)
     if (kit / "ca.pem").read_bytes() != ca_pem:
         log.warning("Kit %s holds a different ca.pem than the current CA", kit)
     if existed:
@@ -317,12 +303,12 @@ def provision(out_dir: Path, hosts: list[str], institutions: list[str],
             raise ProvisionError(f"Allow-list entry for {name!r} does not match its kit's key "
                                  f"({index[name]['sha256']} vs {fp}); resolve this by hand")
         if not pub_path.exists():
-            _write(pub_path, pub)
+            write_atomic(pub_path, pub, PUBLIC)
         elif _pub_fingerprint(pub_path) != fp:
             raise ProvisionError(f"{pub_path} does not match the key in {kit}")
         if index.get(name) != (entry := {"public-key": pub_path.name, "sha256": fp}):
             index[name] = entry
-            _write(index_path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+            write_atomic(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n", PUBLIC)
     return Provisioned(out_dir / "ca" / "ca.pem", server_cert, server_key, index_path, kits,
                        tuple(created))
 

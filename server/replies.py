@@ -19,15 +19,11 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedsilo.common import journal
+from fedsilo.common.bounds import max_coordinate_change, max_sgd_change, planned_steps
 from fedsilo.common.config import PrivacyConfig, TrainConfig
 from fedsilo.common.wire import named_arrays
 from fedsilo.server.report import RunReport, institution_name
-from fedsilo.server.validation import (
-    check_update,
-    max_coordinate_change,
-    max_sgd_change,
-    planned_steps,
-)
+from fedsilo.server.validation import check_update
 
 
 def decode_update(reply: Message, sent: ArrayRecord) -> Message:

@@ -45,10 +45,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +55,7 @@ from typing import Any
 from flwr.app import Message
 
 from fedsilo.common import journal
+from fedsilo.common.atomic import write_json_atomic
 from fedsilo.common.live import duration
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
@@ -109,7 +108,7 @@ class RunReport:
 
     def progress(self, server_round: int, phase: str, replied: int, expected: int) -> None:
         """Rewrite ``progress.json``: the round in progress and its replies so far."""
-        _atomic_json(self.path.with_name("progress.json"), {
+        write_json_atomic(self.path.with_name("progress.json"), {
             "round": server_round, "phase": phase, "replied": replied, "expected": expected})
 
     def record_dropped(self, server_round: int, node_id: int, what: str, reason: str) -> None:
@@ -279,11 +278,6 @@ class RunReport:
 
     def write(self) -> None:
         """Atomically replace ``metrics.json`` with the current state."""
-        _atomic_json(self.path, self.doc)
+        write_json_atomic(self.path, self.doc, indent=2)
 
 
-def _atomic_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False), "utf-8")
-    os.replace(tmp, path)

@@ -2,6 +2,7 @@ import pytest
 from opacus.accountants import RDPAccountant, create_accountant
 
 from fedsilo.client import privacy
+from fedsilo.common.bounds import default_delta
 
 
 def _plan(**kw):
@@ -44,4 +45,4 @@ def test_budget_check_declines_a_round_past_the_target():
 
 def test_default_delta_is_below_one_over_n():
     for n in (10, 5000, 10**7):
-        assert privacy.default_delta(n) < 1 / n
+        assert default_delta(n) < 1 / n

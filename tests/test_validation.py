@@ -7,10 +7,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedsilo.common import journal
+from fedsilo.common.bounds import max_coordinate_change, planned_steps
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.server.report import RunReport
 from fedsilo.server.strategy import build_strategy
-from fedsilo.server.validation import check_update, max_coordinate_change, planned_steps
+from fedsilo.server.validation import check_update
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 

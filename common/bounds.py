@@ -1,0 +1,57 @@
+"""Rules both sides must agree on: the local optimiser, step counts, δ and update bounds.
+
+The institution trains with these constants and step counts; the coordinator derives
+from the same numbers how far an honest update can move a coordinate. Keeping them in
+one module means a recipe change moves both sides at once.
+
+AdamW moves a coordinate by at most ``lr · (1 − β1) / √(1 − β2)`` per step from its
+normalised gradient (Kingma & Ba, 2015, §2.1; 3.16·lr at the default betas), plus
+``lr · weight_decay · |θ|`` from decay, over at most ``local-epochs · ⌈n / batch⌉``
+steps; the bound allows ``SLACK`` times that. DP clipping bounds the gradients, and
+hence the direction of each step, but under Adam it is the optimiser that bounds the
+step size. Plain SGD's step is the gradient itself: only DP-SGD bounds it
+(:func:`max_sgd_change`); SGD without record-level DP has no coordinate bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: AdamW settings every institution trains with (betas, weight decay).
+BETA1, BETA2, WEIGHT_DECAY = 0.9, 0.999, 0.01
+#: Safety factor over a bound (float rounding, Poisson step counts).
+SLACK = 2.0
+#: Gaussian noise beyond this many standard deviations counts as impossible (below
+#: 2e-23 per coordinate and step).
+NOISE_SIGMAS = 10.0
+
+
+def default_delta(num_examples: int) -> float:
+    """δ used when none is set: ``min(1e-5, 0.1 / n)``, always below ``1 / n``."""
+    return min(1e-5, 0.1 / num_examples)
+
+
+def planned_steps(num_examples: int, batch_size: int, local_epochs: int) -> int:
+    """Most optimiser steps one round can take (Poisson: about ``n / batch`` per epoch)."""
+    return local_epochs * max(math.ceil(num_examples / batch_size), 1)
+
+
+def max_coordinate_change(learning_rate: float, steps: int, largest_weight: float) -> float:
+    """Largest change of one coordinate that ``steps`` AdamW steps can make."""
+    per_step = learning_rate * (max((1 - BETA1) / math.sqrt(1 - BETA2), 1.0)
+                                + WEIGHT_DECAY * (largest_weight + 1.0))
+    return SLACK * steps * per_step
+
+
+def max_sgd_change(learning_rate: float, steps: int, num_examples: int, batch_size: int,
+                   max_grad_norm: float, noise_multiplier: float,
+                   largest_correction: float = 0.0) -> float:
+    """Largest change of one coordinate that ``steps`` DP-SGD steps (plain SGD) can make.
+
+    A step moves a coordinate by ``lr`` times (clipped sum + noise) / expected batch:
+    at most ``n · C`` from the clipped gradients of a Poisson batch and
+    ``NOISE_SIGMAS · σ · C`` from the noise, plus ``lr · |c − c_i|`` under SCAFFOLD.
+    """
+    per_step = learning_rate * (max_grad_norm * (num_examples + NOISE_SIGMAS * noise_multiplier)
+                                / batch_size + largest_correction)
+    return SLACK * steps * per_step
