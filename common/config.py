@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsilo.common.deidentify import ALL_KINDS, Kind, parse_kinds
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -115,6 +117,14 @@ class PrivacyConfig(_Section):
         False, description="each institution also saves every update it releases "
         "(.npz beside its ledger) for its own audit"
     )
+    deidentify_floor: tuple[Kind, ...] = Field((), description="identifier kinds every "
+        f"institution must scrub ({', '.join(ALL_KINDS)}; JSON list, comma-separated or 'all'); "
+        "one that scrubs less declines the run; a simulation's institutions scrub exactly these")
+
+    @field_validator("deidentify_floor", mode="before")
+    @classmethod
+    def _kinds_from_text(cls, value: object) -> object:
+        return parse_kinds(value, "kinds") if isinstance(value, str) else value
 
 
 class TrainConfig(_Section):
@@ -348,7 +358,7 @@ def parse_labels(value: str, origin: str = "labels") -> tuple[str, ...]:
 def _explain(err: ValidationError, origin: str) -> str:
     lines = []
     for item in err.errors():
-        loc = [str(p) for p in item["loc"]]
+        loc = [str(p) for p in item["loc"] if not isinstance(p, int)]  # not a list index
         key = _key(loc[-1]) if len(loc) > 1 else ""
         where = f"'{key}' (--{key})" if key else "settings"
         lines.append(f"{origin}: invalid {where}: {item['msg']}")
