@@ -155,7 +155,6 @@ def preflight(settings: dict[str, Any]) -> None:
                            settings.get("label-column", "label"))
     log.info("data %s: %d examples, %d distinct labels", settings["data"], len(records),
              len(set(records.labels)))
-    deidentify_check(settings, records)
     if settings.get("labels"):
         labels = LabelMap.from_names(parse_labels(str(settings["labels"]), "labels"))
         labels.encode(records.labels, records.source)
@@ -339,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClientSetupError as err:
         log.error("%s", err)
         return 2
+    deidentify_check(settings)  # last: it journals, and bad input must leave no trace
     log.info("%s: local checks passed", settings[NAME_KEY])
     if args.check:
         return 0

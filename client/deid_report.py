@@ -43,8 +43,9 @@ def deid_settings(table: object, path: Path) -> DeidSettings:
         raise DeidentifyError(f"{path}: invalid [deidentify] table: {problems}") from None
 
 
-def deidentify_check(settings: dict[str, Any], records: TextRecords) -> Report:
+def deidentify_check(settings: dict[str, Any]) -> Report:
     """Scrub the data as training will; log counts per kind and file and journal them locally."""
+    records = _records(settings)
     deid: DeidSettings = settings[DEID_KEY]
     if not deid.active:
         log.warning("de-identification is OFF ([deidentify] kinds = []): identifiers in the "
@@ -61,8 +62,7 @@ def deidentify_check(settings: dict[str, Any], records: TextRecords) -> Report:
 
 def deid_preview(settings: dict[str, Any], count: int) -> list[str]:
     """Print ``count`` scrubbed texts (changed ones first) on this terminal; return them."""
-    records = load_records(settings["data"], settings.get("text-column", "text"),
-                           settings.get("label-column", "label"))
+    records = _records(settings)
     scrubber = scrubber_for(settings[DEID_KEY])
     shown: list[str] = []
     for changed_only in (True, False):
@@ -74,3 +74,8 @@ def deid_preview(settings: dict[str, Any], count: int) -> list[str]:
                 print(f"--- {', '.join(sorted(found)) or 'unchanged'}\n{clean}")
                 shown.append(clean)
     return shown
+
+
+def _records(settings: dict[str, Any]) -> TextRecords:
+    return load_records(settings["data"], settings.get("text-column", "text"),
+                        settings.get("label-column", "label"))
