@@ -283,7 +283,7 @@ class Scrubber:
                 digest.update(json.dumps(text).encode("utf-8"))
             path = folder / f"deid-{digest.hexdigest()[:40]}.json"
         doc = _load_json(path)
-        if doc is None or len(doc.get("texts", ())) != len(records):
+        if doc is None or len(doc["texts"]) != len(records):
             counts: Counter[str] = Counter()
             texts = []
             for text in records.texts:
@@ -308,10 +308,14 @@ def _load_json(path: Path | None) -> dict[str, Any] | None:
     if path is None or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text("utf-8"))
+        doc = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError) as err:
-        log.warning("de-identification cache %s is unreadable (%s); scrubbing again", path, err)
-        return None
+        doc = err
+    if isinstance(doc, dict) and {"texts", "changed", "counts"} <= doc.keys():
+        return doc
+    log.warning("de-identification cache %s is unreadable (%s); scrubbing again", path,
+                doc if isinstance(doc, Exception) else "not a cache file")
+    return None
 
 
 def _kind(entity: str) -> str:
@@ -386,11 +390,9 @@ def _nlp_engine(settings: DeidSettings) -> object:
     else:
         from presidio_analyzer.nlp_engine import SpacyNlpEngine
 
-        folder = Path(settings.ner_model)
-        if not folder.is_dir():  # Presidio would try to download a name it cannot find
-            raise DeidentifyError(f"ner-model {folder}: not a folder; point it to a local "
-                                  "spaCy model")
-        engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": str(folder)}])
+        # An existing folder (DeidSettings checks it): Presidio downloads only a model
+        # *name* that is neither an installed package nor a path.
+        engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": settings.ner_model}])
     engine.load()
     return engine
 

@@ -149,6 +149,9 @@ def test_report_counts_per_file_and_kind_and_never_values(tmp_path):
     again = Report()  # a second pass reads the cache, with the same counts
     assert scrubber.scrub_records(records, tmp_path, again).texts == clean.texts
     assert again.as_dict() == report.as_dict()
+    for path in tmp_path.glob("deid-*.json"):  # a damaged cache is scrubbed again, not trusted
+        path.write_text("[1, 2]")
+    assert scrubber.scrub_records(records, tmp_path, Report()).texts == clean.texts
 
 
 def test_the_floor_is_a_run_config_key_of_known_kinds():

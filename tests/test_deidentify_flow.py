@@ -69,6 +69,7 @@ def _journal(out, name):
 SIMULATED = {"partition-id": 0, "num-partitions": 1}
 
 
+@pytest.mark.slow
 def test_the_ledger_fingerprint_is_the_same_with_scrubbing_on_and_off(tiny_bert, data_file,
                                                                       tmp_path):
     seen = {}
