@@ -162,3 +162,20 @@ def test_the_floor_is_a_run_config_key_of_known_kinds():
         == PATTERN_KINDS
     with pytest.raises(ConfigError, match="'deidentify-floor'.*unknown kind.*'emial'"):
         FedsiloConfig.from_flat({"deidentify-floor": "emial"})
+
+
+def test_the_simulation_flag_makes_every_institution_scrub_every_pattern_kind():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "simulations" / "run_simulation.py"
+    spec = importlib.util.spec_from_file_location("run_simulation_deid", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+
+    def floor(*argv):
+        return sim.resolve_config(sim.build_parser().parse_args(argv)).privacy.deidentify_floor
+
+    assert floor() == ()
+    assert floor("--deidentify") == PATTERN_KINDS
+    assert floor("--deidentify", "--deidentify-floor", "email,ip") == ("email", "ip")
