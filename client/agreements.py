@@ -229,7 +229,8 @@ def check_run(cfg: FedsiloConfig, ledger_dir: Path, app_sha256: str | None) -> N
     if wanted not in stored.current:
         raise PolicyError(f"declined: the run names agreement {wanted or '(none)'!r}, which "
                           f"this institution has not approved (in force: "
-                          f"{', '.join(_in_force(stored))}); the coordinator runs with "
+                          f"{', '.join(a.ident for a in _in_force(stored)) or 'none'}); the "
+                          "coordinator runs with "
                           "--agreement FILE, the institution approves FILE with "
                           "`flower-client approve`")
     this = stored.current[wanted]
@@ -247,6 +248,16 @@ def check_run(cfg: FedsiloConfig, ledger_dir: Path, app_sha256: str | None) -> N
                           + "; ".join(diffs))
 
 
-def _in_force(stored: Approvals) -> list[str]:
-    names = {a.federation for a in stored.current.values()}
-    return [stored.latest(f).ident for f in sorted(names)]
+def _in_force(stored: Approvals) -> list[Approval]:
+    """The latest approval of each federation, unless it has expired."""
+    names = sorted({a.federation for a in stored.current.values()})
+    return [a for a in map(stored.latest, names) if expired(a.doc) is None]
+
+
+def approved_bundles(ledger_dir: Path) -> set[str]:
+    """The app-bundle hashes (``app-sha256``) that the agreements in force pin.
+
+    Empty when nothing is approved (or all approvals expired): a runtime that serves
+    only these bundles serves none. :func:`check_run` then checks every other term.
+    """
+    return {str(a.doc["terms"].get("app-sha256")) for a in _in_force(load_approvals(ledger_dir))}

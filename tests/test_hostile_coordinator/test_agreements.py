@@ -21,17 +21,14 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedsilo.client import agreements, client_app
+from fedsilo.client import agreements
 from fedsilo.client import cli as client_cli
 from fedsilo.client.policy import PolicyError
 from fedsilo.common.agreement import agreement_id
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.integrity import app_sha256
-from fedsilo.common.model import get_trainable_state, load_model
-from fedsilo.common.task import federation_labels, freeze_labels
-from fedsilo.common.wire import DECLINED_CODE
+from fedsilo.common.task import freeze_labels
 from fedsilo.server import cli as server_cli
 from fedsilo.server.launch import write_thin_app
 
@@ -195,6 +192,7 @@ def test_an_expired_agreement_is_refused_at_approval_and_at_run_time(
                    .total_seconds()))
     with pytest.raises(PolicyError, match="expired on"):
         agreements.check_run(run, site / "ledger", bundle)
+    assert agreements.approved_bundles(site / "ledger") == set()  # no bundle is served
 
 
 def test_a_superseded_agreement_is_declined_naming_the_newer(site: Path, federation, cfg,
@@ -247,29 +245,15 @@ def test_a_run_differing_in_a_pinned_setting_is_declined_naming_it(approved, bun
 
 
 def test_deleting_the_approvals_does_not_turn_enforcement_off(site: Path, federation, cfg,
-                                                              tmp_path: Path, bundle: str,
-                                                              task_identity) -> None:
+                                                              tmp_path: Path,
+                                                              bundle: str) -> None:
     doc = _issue(federation, cfg, tmp_path / "agreement.json")
     assert _approve(site, tmp_path / "agreement.json") == 0
     run = cfg.replace(agreement_id=agreement_id(doc))
     agreements.check_run(run, site / "ledger", bundle)
+    assert agreements.approved_bundles(site / "ledger") == {bundle}
     shutil.rmtree(site / "ledger" / "agreements")
     with pytest.raises(PolicyError, match="approved no federation agreement"):
         agreements.check_run(run, site / "ledger", bundle)
-    # The real ClientApp path of a deployed institution: declined before any data is read.
-    data = site / "notes.csv"
-    data.write_text("text,label\n" + "".join(f"note {i},{'cardio' if i % 2 else 'resp'}\n"
-                                             for i in range(40)))
-    model = load_model(run.model, federation_labels(run), run.train.seed)
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in get_trainable_state(model).items()})
-    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=7, message_type="train")
-    nodes = {"approved no federation agreement": {"ledger-dir": str(site / "ledger")},
-             "node config names no ledger-dir": {}}  # no ledger-dir at all
-    for reason, node in nodes.items():
-        context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run.to_flat(),
-                          node_config={"institution": "hospital-a", "data": str(data), **node})
-        reply = client_app.train(msg, context)
-        assert reply.has_error() and reply.error.code == DECLINED_CODE
-        assert reason in reply.error.reason
-    assert not [p for p in (site / "ledger").rglob("*") if p.is_file()]  # nothing spent
+    # A runtime serving only the bundles that agreements in force pin now serves none.
+    assert agreements.approved_bundles(site / "ledger") == set()
