@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from make_identifiers import KINDS, planted_notes
 from transformers import AutoTokenizer
 
-from fedsilo.client import cli, client_app
+from fedsilo.client import cli, client_app, tasks
 from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
@@ -92,12 +92,20 @@ def test_the_ledger_fingerprint_is_the_same_with_scrubbing_on_and_off(tiny_bert,
     assert seen["email"][0] == off
 
 
+@pytest.fixture
+def agreed(monkeypatch):
+    """The run is one the institution approved (agreements are tested in test_agreement)."""
+    monkeypatch.setattr(tasks, "check_run", lambda *args: None)
+
+
+@pytest.mark.usefixtures("agreed")
 def test_a_deployed_institution_scrubs_even_when_the_run_asks_for_nothing(
         tiny_bert, data_file, tmp_path, values, logs):
-    out = tmp_path / "out"
-    cfg = _cfg(tiny_bert, data_file, out, **{"deidentify-floor": ""})
-    reply = _train(cfg, {"institution": "h1", "data": str(data_file)})  # no [deidentify]: on
-    assert not reply.has_error()
+    out = tmp_path / "ledger"  # the institution's folder: ledger, journal, caches
+    cfg = _cfg(tiny_bert, data_file, tmp_path / "out", **{"deidentify-floor": ""})
+    reply = _train(cfg, {"institution": "h1", "data": str(data_file),
+                         "ledger-dir": str(out)})  # no [deidentify]: on, every kind
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     tokenised = []
     for path in (out / "token-cache").glob("*.pt"):
@@ -108,7 +116,7 @@ def test_a_deployed_institution_scrubs_even_when_the_run_asks_for_nothing(
     assert len(tokenised) == len(planted_notes(per_kind=6, seed=11))
     assert any("email" in t for t in tokenised)  # the placeholders reached the tokenizer
     cached = [_norm(p.read_text()) for p in (out / "token-cache").glob("deid-*.json")]
-    journal_text = _norm((out / "ledgers" / "run-1" / "h1" / "journal.jsonl").read_text())
+    journal_text = _norm((out / "journal.jsonl").read_text())
     reply_text = _norm(str(reply.content))
     log_text = _norm(logs.text)
     for value in values:
@@ -116,11 +124,12 @@ def test_a_deployed_institution_scrubs_even_when_the_run_asks_for_nothing(
         assert value not in journal_text and value not in reply_text and value not in log_text
 
 
+@pytest.mark.usefixtures("agreed")
 def test_an_institution_below_the_floor_declines_before_reading_data(tiny_bert, data_file,
                                                                     tmp_path, values):
-    out = tmp_path / "out"
-    cfg = _cfg(tiny_bert, data_file, out, **{"deidentify-floor": "email,phone,date"})
-    node = {"institution": "h1", "data": str(data_file),
+    out = tmp_path / "ledger"
+    cfg = _cfg(tiny_bert, data_file, tmp_path / "out", **{"deidentify-floor": "email,phone,date"})
+    node = {"institution": "h1", "data": str(data_file), "ledger-dir": str(out),
             "deidentify": DeidSettings(kinds=("email", "url")).to_node()}
     reply = _train(cfg, node)
     assert reply.has_error() and reply.error.code == DECLINED_CODE
@@ -174,3 +183,14 @@ def test_node_config_carries_the_settings_intact():
     node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
     assert DeidSettings.from_node(node["deidentify"]) == deid
     assert json.loads(DeidSettings().model_dump_json())["kinds"] == list(KINDS)
+
+
+def test_the_floor_is_an_agreement_term_the_coordinator_cannot_lower():
+    from fedsilo.common.agreement import differences, run_terms
+
+    def terms(floor):
+        cfg = FedsiloConfig.from_flat({"deidentify-floor": floor})
+        return run_terms(cfg, ["a", "b"], model_sha256="m", app_sha256="b", code_sha256="c")
+
+    assert terms("all")["deidentify-floor"] == json.dumps(list(KINDS))
+    assert any("deidentify-floor" in d for d in differences(terms("all"), terms("email")))
