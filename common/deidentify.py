@@ -230,18 +230,23 @@ class Scrubber:
 
     def __init__(self, settings: DeidSettings) -> None:
         self.settings = settings
-        self._analyzer, self._entities = _analyzer(settings) if settings.active else (None, [])
-        if self._analyzer is not None:
-            from presidio_anonymizer import AnonymizerEngine
 
-            self._anonymizer = AnonymizerEngine()
+    @functools.cached_property
+    def _engines(self) -> tuple[Any, list[str], Any]:
+        """Presidio's analyzer, its entities and the anonymizer, built on first use only.
+
+        A process whose texts all come from the cache never imports Presidio.
+        """
+        from presidio_anonymizer import AnonymizerEngine
+
+        return (*_analyzer(self.settings), AnonymizerEngine())
 
     def scrub(self, text: str) -> tuple[str, Counter[str]]:
         """Return ``text`` with identifiers replaced, and the count of each kind replaced."""
-        if self._analyzer is None:
+        if not self.settings.active:
             return text, Counter()
-        found = self._analyzer.analyze(text, language="en", entities=self._entities,
-                                       score_threshold=0.0)
+        analyzer, entities, anonymizer = self._engines
+        found = analyzer.analyze(text, language="en", entities=entities, score_threshold=0.0)
         if not found:
             return text, Counter()
         for r in found:  # libphonenumber keeps an opening "(" the number does not close
@@ -252,7 +257,7 @@ class Scrubber:
         kinds = {r.entity_type: _kind(r.entity_type) for r in found}
         operators = {e: OperatorConfig("replace", {"new_value": placeholder(k)})
                      for e, k in kinds.items()}
-        result = self._anonymizer.anonymize(
+        result = anonymizer.anonymize(
             text, found, operators,
             conflict_resolution=ConflictResolutionStrategy.REMOVE_INTERSECTIONS)
         return result.text, Counter(kinds[item.entity_type] for item in result.items)
@@ -273,7 +278,7 @@ class Scrubber:
         The result is cached in ``folder`` (the institution's own disk), keyed by the raw
         texts and :attr:`key`, so a new process of the same run does not scrub again.
         """
-        if self._analyzer is None:
+        if not self.settings.active:
             report.add(records.source, len(records), 0, {})
             return records
         path = None
@@ -323,7 +328,7 @@ def _kind(entity: str) -> str:
         else _ENTITY_KIND[entity]
 
 
-def _analyzer(settings: DeidSettings) -> tuple[object, list[str]]:
+def _analyzer(settings: DeidSettings) -> tuple[Any, list[str]]:
     """Presidio's analyzer with the recognizers for ``settings`` and the entities they find."""
     logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
     logging.getLogger("presidio-anonymizer").setLevel(logging.WARNING)
