@@ -19,9 +19,10 @@ from torch.utils.hooks import RemovableHandle
 from fedsilo.client.bookkeeping import BookKeepingClipper, BookKeepingLoss
 from fedsilo.client.finite import finite_clipping, nonfinite_examples
 from fedsilo.client.privacy import DPPlan
-from fedsilo.common.bounds import BETA1, BETA2, WEIGHT_DECAY
-from fedsilo.common.config import FedsiloConfig, TrainConfig
+from fedsilo.common.bounds import BETA1, BETA2, WEIGHT_DECAY, encoder_learning_rate
+from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.features import logits
+from fedsilo.common.model import head_names
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,23 @@ class TrainResult:
 Correction = Mapping[nn.Parameter, torch.Tensor]
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(BETA1, BETA2),
-                             weight_decay=WEIGHT_DECAY)
+def _optimizer(model: nn.Module, cfg: FedsiloConfig) -> torch.optim.Optimizer:
+    """The local optimiser, new each round (its state is never kept or sent).
+
+    AdamW trains the head at ``--learning-rate`` and the encoder-side tensors at
+    ``--encoder-learning-rate`` (the ``--trainable`` recipe's when 0); plain SGD
+    trains every tensor at ``--learning-rate``.
+    """
+    train = cfg.train
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD([p for _, p in named], lr=train.learning_rate)
+    head = head_names(model)
+    encoder = encoder_learning_rate(cfg.model.trainable, train.encoder_learning_rate)
+    groups = [{"params": [p for n, p in named if n in head], "lr": train.learning_rate},
+              {"params": [p for n, p in named if n not in head], "lr": encoder}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.learning_rate,
+                             betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY)
 
 
 def _correct_steps(optimizer: torch.optim.Optimizer, correction: Correction | None,
@@ -193,7 +205,7 @@ def train_private(
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant = accountant
     private = make_private(
-        engine, model, _optimizer(model, cfg.train),
+        engine, model, _optimizer(model, cfg),
         DataLoader(dataset, batch_size=cfg.train.batch_size),
         mode=cfg.privacy.grad_sample_mode, noise_multiplier=dp_plan.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm)
@@ -234,7 +246,7 @@ def train_plain(
     """
     model.to(device).train()
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True)
-    optimizer = _optimizer(model, cfg.train)
+    optimizer = _optimizer(model, cfg)
     corrected = _correct_steps(optimizer, correction, cfg.train.learning_rate)
     try:  # a plain module: nothing to undo if the correction is refused above
         return _run_epochs(model, loader, optimizer, nn.CrossEntropyLoss(),
