@@ -81,8 +81,18 @@ def run_deployment(root: Path, args: argparse.Namespace,
                    mode: str) -> tuple[dict[str, Any], Timeline]:
     """Run the federation in one of :data:`MODES`; return ``metrics.json`` and timestamps."""
     port = free_port()
-    pki = provision(root / "pki", ["localhost"], list(NAMES), port=port)
+    pki = provision(root / "pki", ["localhost"], list(NAMES), port=port, generate_keys=True)
     data, holdout = _datasets(root)
+    run_flags = ["--num-rounds", str(args.rounds), "--local-epochs", str(args.local_epochs),
+                 "--strategy", args.strategy,
+                 *(["--no-fused-evaluation"] if mode == "separate-eval" else [])]
+    agreement = root / "agreement.json"  # deployed institutions run only under one
+    subprocess.run([str(BIN / "flower-server"), "agreement", "--pki", str(root / "pki"),
+                    "--name", "bench", "--out", str(agreement), *run_flags], check=True)
+    for n in NAMES:
+        subprocess.run([str(BIN / "flower-client"), "approve", str(agreement), "--config",
+                        str(pki.kits[n] / "client.toml"), "--yes"], check=True,
+                       stdin=subprocess.DEVNULL)
     env = child_env(OMP_NUM_THREADS=str(args.threads))
     # The demo's coordinator (flwr-simulation) runs with torch's default thread count.
     server_env = child_env(**({"OMP_NUM_THREADS": str(args.server_threads)}
@@ -90,12 +100,10 @@ def run_deployment(root: Path, args: argparse.Namespace,
     out = root / "out"
     server_cmd = [str(BIN / "flower-server"), "--pki", str(root / "pki"), "--state-dir",
                   str(root / "state"), "--host", "127.0.0.1", "--port", str(port),
-                  "--num-rounds", str(args.rounds), "--local-epochs", str(args.local_epochs),
-                  "--strategy", args.strategy,
+                  *run_flags, "--agreement", str(agreement),
                   "--min-available", "2", "--min-train", "2",
                   "--max-examples", str(args.examples), "--eval-data", str(holdout),
-                  "--output-dir", str(out),
-                  *(["--no-fused-evaluation"] if mode == "separate-eval" else [])]
+                  "--output-dir", str(out)]
     logs = [(root / f"{n}.log").open("wb") for n in ("server", *NAMES)]
     server = subprocess.Popen(server_cmd, env=server_env, stdout=logs[0], stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, start_new_session=True)

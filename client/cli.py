@@ -1,8 +1,12 @@
 """``flower-client``: run an institution's node of a fedsilo federation.
 
-The institution starts it beside its data with the kit the coordinator sent::
+The institution creates its node key pair in its own folder and sends only the public
+half to the coordinator; it approves the coordinator's agreement; then it starts its
+node beside its data with the ``ca.pem`` and ``client.toml`` the coordinator sent::
 
-    flower-client --config kit/client.toml
+    flower-client keygen --dir site --institution hospital-a   # send site/node.pub
+    flower-client approve agreement.json --config site/client.toml   # --yes without a tty
+    flower-client --config site/client.toml
 
 Before connecting it checks everything locally (data file, columns, labels, model,
 certificate and key, privacy policy) and exits with a clear message if something is
@@ -28,19 +32,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import (
-    load_ssh_private_key,
-)
-
 from fedsilo.client import worker
-from fedsilo.client.agreements import approve
+from fedsilo.client.agreements import approve, summary
 from fedsilo.client.dashboard import render, show_ledger
+from fedsilo.client.keys import TrustError, check_ca, check_private_key, keygen
 from fedsilo.client.ledger import LedgerError
 from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.agreement import AgreementError
-from fedsilo.common.certs import key_fingerprint, outside_validity
+from fedsilo.common.certs import key_fingerprint
 from fedsilo.common.config import (
     DEFAULT_MODEL,
     ConfigError,
@@ -60,7 +59,7 @@ log = logging.getLogger("fedsilo.client")
 #: What Flower's SuperNode prints when the SuperLink does not know its key.
 NOT_ADMITTED = "Failed to activate SuperNode"
 ADMISSION_RETRY = 10.0  # seconds between attempts to join while not admitted
-CONNECTION_KEYS = ("superlink", "root-certificates", "auth-private-key", "insecure")
+CONNECTION_KEYS = ("superlink", "root-certificates", "ca-sha256", "auth-private-key", "insecure")
 CHECK_KEYS = ("labels", "model", "runtime-port")
 PATH_KEYS = ("data", "root-certificates", "auth-private-key", LEDGER_KEY)
 ALL_KEYS = (NAME_KEY, *CONNECTION_KEYS, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY, *CHECK_KEYS)
@@ -71,7 +70,7 @@ class ClientSetupError(ValueError):
 
 
 #: Expected TOML type of each client.toml key (the schema's ranges are checked too).
-_TEXT_KEYS = (NAME_KEY, "superlink", "root-certificates", "auth-private-key", "data",
+_TEXT_KEYS = (NAME_KEY, "superlink", "root-certificates", "ca-sha256", "auth-private-key", "data",
               "text-column", "label-column", "device", LEDGER_KEY, "model", "labels")
 _KINDS: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(_TEXT_KEYS, (str,)), "labels": (str, list),
@@ -158,48 +157,18 @@ def preflight(settings: dict[str, Any]) -> None:
         log.info("no 'labels' given: labels are checked against the federation's when the "
                  "run starts")
     load_tokenizer(ModelConfig(model=settings.get("model", DEFAULT_MODEL)))
+    for line in summary(Path(settings[LEDGER_KEY])):
+        log.info("%s", line)
     if settings.get("insecure"):
         return
     for key in ("root-certificates", "auth-private-key"):
         if not settings.get(key):
             raise ClientSetupError(f"missing '{key}' (use the kit's client.toml, or "
                                    "--insecure for a plain-text test federation)")
-    _check_ca(Path(settings["root-certificates"]))
-    key_path = Path(settings["auth-private-key"])
-    try:
-        mode = key_path.stat().st_mode
-    except OSError as err:
-        raise ClientSetupError(f"auth-private-key {key_path}: cannot read it ({err}); use the "
-                               "node.key from the kit") from None
-    if mode & 0o077:
-        raise ClientSetupError(f"auth-private-key {key_path}: permissions {mode & 0o777:04o} "
-                               "are too open (readable by group or others); run "
-                               f"`chmod 600 {key_path}`")
-    try:
-        load_ssh_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise ClientSetupError(f"auth-private-key {key_path}: not a readable OpenSSH private "
-                               f"key ({err}); use the node.key from the kit") from None
-
-
-def _check_ca(cert_path: Path) -> None:
-    """Refuse a CA file that is not a current PEM CA certificate."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise ClientSetupError(f"root-certificates {cert_path}: not a readable PEM "
-                               f"certificate ({err}); use the ca.pem from the kit") from None
-    if (when := outside_validity(cert)) is not None:
-        raise ClientSetupError(f"root-certificates {cert_path}: the CA certificate is {when}; "
-                               "ask the coordinator for a current kit (and check this host's "
-                               "clock)")
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
-        raise ClientSetupError(f"root-certificates {cert_path}: not a CA certificate; use the "
-                               "ca.pem from the kit")
+    fingerprint = check_ca(Path(settings["root-certificates"]), settings.get("ca-sha256"))
+    log.info("federation CA fingerprint (SHA-256) %s: the coordinator printed it when it "
+             "provisioned; compare the two out of band", fingerprint)
+    check_private_key(Path(settings["auth-private-key"]))
 
 
 def check_tls(superlink: str, ca_file: str, timeout: float = 10.0) -> None:
@@ -244,7 +213,10 @@ def supernode_command(settings: dict[str, Any], runtime_port: int,
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (each overrides the same key of client.toml)."""
-    parser = argparse.ArgumentParser(prog="flower-client", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="flower-client", description=__doc__.split("\n\n")[0],
+        epilog="set-up steps: `flower-client keygen --help` (create this institution's key), "
+        "`flower-client approve --help` (approve the coordinator's agreement)")
     parser.add_argument("--config", type=Path, help="the kit's client.toml")
     parser.add_argument("--check", action="store_true", help="only run the local checks")
     parser.add_argument("--ledger", action="store_true",
@@ -268,12 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def approve_main(argv: list[str]) -> int:
     """``flower-client approve AGREEMENT``: verify, show and store a federation agreement."""
-    parser = argparse.ArgumentParser(prog="flower-client approve",
-                                     description="Approve a federation agreement for this "
-                                     "institution's data (stored beside its ledger)")
+    parser = argparse.ArgumentParser(
+        prog="flower-client approve",
+        description="Approve a federation agreement for this institution's data (stored "
+        "beside its ledger). It asks on the terminal; without one (a script, CI) it needs "
+        "--yes, given only after reading the terms it prints.")
     parser.add_argument("agreement", type=Path, help="the agreement file from the coordinator")
     parser.add_argument("--config", type=Path, required=True, help="the kit's client.toml")
-    parser.add_argument("--yes", action="store_true", help="approve without asking")
+    parser.add_argument("--yes", action="store_true",
+                        help="approve without asking (required when there is no terminal)")
     args = parser.parse_args(argv)
 
     def confirm(question: str) -> bool:
@@ -289,13 +264,43 @@ def approve_main(argv: list[str]) -> int:
         folder = args.config.parent
         ledger = folder / settings.get(LEDGER_KEY, "ledger")
         ca = folder / settings.get("root-certificates", "ca.pem")
+        check_ca(ca, settings.get("ca-sha256"))  # a swapped CA would vouch for anything
         approve(args.agreement, ledger, ca, confirm)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         log.error("--config %s: cannot read the client config (%s)", args.config, err)
         return 2
-    except AgreementError as err:
+    except (AgreementError, TrustError) as err:
         log.error("%s", err)
         return 2
+    return 0
+
+
+def keygen_main(argv: list[str]) -> int:
+    """``flower-client keygen``: create this institution's node key pair in its own folder."""
+    parser = argparse.ArgumentParser(
+        prog="flower-client keygen",
+        description="Create this institution's node key pair (node.key stays here, mode "
+        "0600; send node.pub to the coordinator). Put the kit's ca.pem and client.toml in "
+        "the same folder afterwards.")
+    parser.add_argument("--dir", type=Path, default=Path("."),
+                        help="the institution's folder (created if missing)")
+    parser.add_argument("--institution", default="",
+                        help="the institution's name, written as the public key's comment")
+    args = parser.parse_args(argv)
+    try:
+        made = keygen(args.dir, args.institution)
+    except (TrustError, OSError) as err:
+        log.error("%s", err)
+        return 2
+    name = args.institution or "NAME"
+    log.info("created %s (private: never send it anywhere) and %s", made.private, made.public)
+    log.info("send %s to the coordinator; confirm its fingerprint %s out of band (phone, "
+             "in person). The coordinator registers it with:\n  flower-server provision "
+             "--out pki --host HOST --port PORT --institution %s --public-key %s",
+             made.public, made.fingerprint, name, made.public.name)
+    log.info("then put the kit's ca.pem and client.toml into %s, compare the CA fingerprint "
+             "`flower-client --config %s --check` prints with the coordinator's",
+             made.private.parent, made.private.parent / "client.toml")
     return 0
 
 
@@ -305,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["approve"]:
         return approve_main(argv[1:])
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
     overrides = {k: getattr(args, k.replace("-", "_")) for k in ALL_KEYS}
     try:
@@ -346,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             worker.stop(helper, sock)
     if refused and not settings.get("insecure"):
         log.error("the coordinator at %s refused to admit %s: its node key (%s) is not on the "
-                  "coordinator's allow-list. Ask the coordinator to provision this "
-                  "institution, and use the kit it sends.", settings["superlink"],
+                  "coordinator's allow-list. Send the coordinator this institution's public "
+                  "key (node.pub) to register with `flower-server provision --public-key`, "
+                  "and compare that fingerprint with it.", settings["superlink"],
                   settings[NAME_KEY], key_fingerprint(Path(settings["auth-private-key"])))
     return code
 

@@ -34,12 +34,19 @@ from fedsilo.client.messages import (
     released_arrays,
     train_reply,
 )
-from fedsilo.client.policy import LEDGER_KEY, NAME_KEY, Policy, institution_config
+from fedsilo.client.policy import (
+    LEDGER_KEY,
+    NAME_KEY,
+    Policy,
+    PolicyError,
+    institution_config,
+)
 from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
 from fedsilo.client.worker import Origin
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
+from fedsilo.common.integrity import app_sha256
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import (
     get_trainable_state,
@@ -120,8 +127,11 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
         partition = (int(node["partition-id"]), int(node["num-partitions"]))
         name, policy = "", Policy()
     else:  # a real institution: its node config holds its data and privacy policy
-        if node.get(LEDGER_KEY):  # approved agreements live beside the ledger
-            check_run(cfg, Path(str(node[LEDGER_KEY])), origin.app_dir)  # before data is read
+        if not node.get(LEDGER_KEY):  # approved agreements live beside the ledger
+            raise PolicyError("this SuperNode's node config names no ledger-dir; start it "
+                              "with `flower-client --config client.toml`, which passes it")
+        bundle = app_sha256(origin.app_dir) if origin.app_dir else None
+        check_run(cfg, Path(str(node[LEDGER_KEY])), bundle)  # before any data is read
         cfg, policy = institution_config(cfg, node)
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     # The institution's own folder (beside its ledger), or the simulation's output.

@@ -1,10 +1,11 @@
 """The coordinator's side of the federation agreement: issue it, and run only under it.
 
-``flower-server agreement --name NAME --out FILE [run flags]`` writes the terms of the
-run those flags describe, signed with the coordinator's TLS server key (its
-certificate chains to the federation CA every kit holds). ``flower-server --agreement
-FILE [run flags]`` checks that the run matches the agreement before it starts and
-names it in the run config, so institutions can check it too
+``flower-server agreement --name NAME --out FILE [--valid-days N] [run flags]`` writes
+the terms of the run those flags describe, signed with the coordinator's TLS server key
+(its certificate, issued by the federation CA every kit holds, is the only kind of
+certificate institutions accept as signer). ``flower-server --agreement FILE [run
+flags]`` checks that the agreement is valid and unexpired and that the run matches it
+before it starts, and names it in the run config, so institutions can check it too
 (:mod:`fedsilo.client.agreements`).
 """
 
@@ -27,6 +28,7 @@ from fedsilo.common.agreement import (
     run_terms,
     verify,
 )
+from fedsilo.common.atomic import write_atomic
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.integrity import app_sha256, code_sha256, model_sha256
 from fedsilo.common.model import resolve_model_path
@@ -46,16 +48,19 @@ def coordinator_terms(cfg: FedsiloConfig) -> dict[str, Any]:
                      app_sha256=app, code_sha256=code_sha256())
 
 
-def write_agreement(cfg: FedsiloConfig, name: str, pki: dict[str, Path], out: Path) -> str:
-    """Sign the run's terms with the server key; write the agreement; return its id."""
+def write_agreement(cfg: FedsiloConfig, name: str, pki: dict[str, Path], out: Path,
+                    valid_days: int | None = None) -> str:
+    """Sign the run's terms with the server key; write the agreement; return its id.
+
+    ``valid_days`` of None is :data:`fedsilo.common.agreement.DEFAULT_VALID_DAYS`.
+    """
     key = load_pem_private_key(pki["key"].read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise AgreementError(f"{pki['key']}: the server key must be an EC key "
                              "(as flower-server provision makes it)")
     cert = x509.load_pem_x509_certificate(pki["cert"].read_bytes())
-    doc = issue(name, coordinator_terms(cfg), key, cert)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1), "utf-8")
+    doc = issue(name, coordinator_terms(cfg), key, cert, valid_days)
+    write_atomic(out, json.dumps(doc, indent=1), 0o644)
     return agreement_id(doc)
 
 

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from fedsilo.common.agreement import DEFAULT_VALID_DAYS
 from fedsilo.common.certs import outside_validity
 from fedsilo.common.config import ConfigError, FedsiloConfig, add_config_arguments
 from fedsilo.common.config import config_overrides as typed_overrides
@@ -233,12 +234,17 @@ def main(argv: list[str] | None = None) -> int:
                               "describe, signed with the coordinator's server key")
         parser.add_argument("--name", required=True, help="the federation's name")
         parser.add_argument("--out", type=Path, required=True, help="agreement file to write")
+        parser.add_argument("--valid-days", type=int, metavar="DAYS",
+                            help=f"days the agreement stays valid (default {DEFAULT_VALID_DAYS}, "
+                            "or until the server certificate expires if sooner); institutions "
+                            "decline runs under an expired agreement")
     args = parser.parse_args(argv[1:] if issuing else argv)
     try:
         cfg = resolve_config(args)
         load_tokenizer(cfg.model)
         if issuing:
-            ident = write_agreement(cfg, args.name, _pki_files(args.pki), args.out)
+            ident = write_agreement(cfg, args.name, _pki_files(args.pki), args.out,
+                                    args.valid_days)
             log.info("agreement %s written to %s: send it to every institution's privacy "
                      "officer (flower-client approve %s), then run with --agreement %s",
                      ident, args.out, args.out.name, args.out)
@@ -246,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.agreement is not None:
             cfg = run_under(cfg, args.agreement, _pki_files(args.pki)["ca"])
             log.info("running under agreement %s", cfg.federation.agreement_id)
+        elif not cfg.federation.agreement_id:
+            log.warning("no --agreement: every deployed institution declines a run that "
+                        "names no agreement it approved (`flower-server agreement --help`)")
     except (ConfigError, DataError, ModelError, ValueError, OSError) as err:
         log.error("%s", err)
         return 2

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 
-def client_toml(name: str, superlink: str) -> str:
-    """Render the commented, ready-to-edit client config for institution ``name``."""
+def client_toml(name: str, superlink: str, ca_sha256: str, institution_key: bool = True) -> str:
+    """Render the commented, ready-to-edit client config for institution ``name``.
+
+    ``institution_key`` says whether the institution made its node key itself
+    (``flower-client keygen``) or the coordinator made it (the old flow).
+    """
+    key = ('# This institution\'s node-authentication key, made here by `flower-client keygen`\n'
+           '# (OpenSSH, ECDSA P-384). It never leaves this institution; the coordinator\n'
+           '# registered only its public half.\n') if institution_key else (
+           '# This institution\'s node-authentication key (OpenSSH, ECDSA P-384). The\n'
+           '# COORDINATOR GENERATED IT (--generate-keys-at-coordinator) and could impersonate\n'
+           '# this institution with its copy; prefer `flower-client keygen` and ask to be\n'
+           '# re-provisioned with your own public key.\n')
     return f'''\
 # fedsilo client configuration for institution "{name}".
-# Relative paths are relative to the folder holding this file (the kit folder).
+# Relative paths are relative to the folder holding this file (the institution's folder:
+# put it beside node.key and ca.pem).
 
 institution = "{name}"
 
-# The coordinator's SuperLink and the CA that signed its TLS certificate.
+# The coordinator's SuperLink and the CA that signed its TLS certificate. flower-client
+# refuses a ca.pem whose SHA-256 fingerprint is not ca-sha256; compare this value with
+# the one the coordinator told you by another channel (phone, in person).
 superlink = "{superlink}"
 root-certificates = "ca.pem"
+ca-sha256 = "{ca_sha256}"
 
-# This institution's node-authentication key (OpenSSH, ECDSA P-384). Keep it secret;
-# the coordinator has registered its public half (node.pub).
-auth-private-key = "node.key"
+{key}auth-private-key = "node.key"
 
 # ---- Local data: EDIT ----------------------------------------------------------------
 # A .csv, .jsonl or .parquet file. It is read here and never leaves this machine.
@@ -33,7 +46,7 @@ target-epsilon = 8.0
 # 0 = automatic: min(1e-5, 0.1 / number of local training examples).
 target-delta = 0.0
 max-grad-norm = 1.0
-# Where this institution's privacy ledger lives (ε spent per dataset). Back it up;
-# `flower-client --config client.toml --ledger` prints it.
+# Where this institution's privacy ledger and its approved agreements live. Back it up;
+# `flower-client --config client.toml --ledger` prints the budget spent.
 ledger-dir = "ledger"
 '''

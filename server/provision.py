@@ -1,67 +1,75 @@
-"""Coordinator provisioning: private CA, SuperLink TLS certificate and institution kits.
+"""Coordinator provisioning: CA, SuperLink certificate, allow-list and institution kits.
 
-Creates, with ``cryptography`` only (ECDSA P-384 keys; private keys 0600, private folders
-0700; every file written through :mod:`fedsilo.common.atomic`)::
+Each institution makes its own node key pair (``flower-client keygen``) and sends
+only the public half; the coordinator registers it::
+
+    flower-server provision --out pki --host fl.example.org --port 9092 \
+        --institution hospital-a --public-key hospital-a.pub [--expected-examples N]
+
+and writes, with ``cryptography`` only (see :mod:`fedsilo.server.pki`)::
 
     ca/ca.key, ca/ca.pem                 private CA, 5 years
     server/server.key, server/server.pem SuperLink TLS certificate signed by the CA
-    allowlist/<name>.pub, allowlist.json node public keys (OpenSSH) + SHA-256 fingerprints
-    kits/<name>/                         for the institution: ca.pem, node.key, node.pub,
-                                         client.toml
+    allowlist/<name>.pub, allowlist.json node public keys (OpenSSH) + fingerprints +
+                                         expected examples (:mod:`.allowlist`)
+    kits/<name>/                         for the institution: ca.pem and client.toml
+                                         (which pins ca-sha256); no private key
 
-Flower 1.41 reads ``flower-supernode --auth-supernode-private-key`` with
-``load_ssh_private_key`` (OpenSSH private key, EC) and ``flwr supernode register <file>``
-with ``load_ssh_public_key`` (OpenSSH public key, NIST curve).
+It prints the CA fingerprint (SHA-256 of ``ca.pem``'s DER) so that coordinator and
+institutions can compare it out of band, and the commands each side runs next.
 
-Re-running never silently overwrites a key. An existing CA is reused (a certificate
-without its key is a ``ProvisionError``; a key without certificate, left by an
-interrupted run, gets one). The server certificate is re-issued only when the requested
-SANs changed, it was not issued by the current CA, expires within 30 days or does not
-match ``server.key``; the old one is kept as ``server.pem.bak`` and the key is reused.
-Existing kits are left as they are (files missing after an interrupted run are added);
-new institutions get a kit and an allow-list entry, earlier entries stay. An allow-list
-entry that does not match its kit's key is a ``ProvisionError``.
+The old flow, ``--generate-keys-at-coordinator``, makes each institution's node key
+here and puts ``node.key`` / ``node.pub`` in its kit: the coordinator then holds the
+institution's private key and could impersonate it.
+
+Re-running never silently overwrites a key: the CA and server key are reused,
+existing kits are left as they are (files missing after an interrupted run are
+added), new institutions get a kit and an allow-list entry, earlier entries stay. A
+key that does not match an institution's existing entry is a ``ProvisionError``.
+Flower reads ``flower-supernode --auth-supernode-private-key`` with
+``load_ssh_private_key`` and ``flwr supernode register <file>`` with
+``load_ssh_public_key`` (OpenSSH, NIST curve).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import datetime as dt
-import hashlib
 import ipaddress
-import json
 import logging
-import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 from fedsilo.common.atomic import write_atomic
+from fedsilo.common.certs import ca_fingerprint, public_key_fingerprint
 from fedsilo.common.logs import configure_logging
+from fedsilo.server.allowlist import (
+    INDEX,
+    PUBLIC,
+    ProvisionError,
+    allowlist_entries,
+    key_file_fingerprint,
+    load_allowlist,
+    public_line,
+    read_index,
+    read_public_key,
+    write_index,
+)
 from fedsilo.server.kit_template import client_toml
+from fedsilo.server.pki import ensure_ca, ensure_server, load_key, mkdir, new_key
+
+__all__ = ["Provisioned", "ProvisionError", "load_allowlist", "main", "provision"]
 
 log = logging.getLogger("fedsilo.provision")
 
-CA_DAYS = 5 * 365 + 1
-SERVER_DAYS = 397
-RENEW_DAYS = 30
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}", re.IGNORECASE)
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DNS = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*", re.IGNORECASE)
-_PEM, _SSH = serialization.Encoding.PEM, serialization.Encoding.OpenSSH
-_ECKey = ec.EllipticCurvePrivateKey
-PUBLIC = 0o644  # certificates, public keys, the allow-list and kit files
-
-
-class ProvisionError(ValueError):
-    """Bad provisioning input, or an output folder in a state that is unsafe to touch."""
+_PEM = serialization.Encoding.PEM
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -74,153 +82,33 @@ class Provisioned:
     allowlist: Path
     kits: dict[str, Path]
     created: tuple[str, ...] = ()
+    ca_sha256: str = ""
 
 
-def _mkdir(path: Path, private: bool = False) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
-    if private:
-        os.chmod(path, 0o700)
-    return path
+def _ensure_kit(kit: Path, name: str, superlink: str, ca_pem: bytes, ca_sha256: str,
+                generate_key: bool) -> tuple[bytes | None, bool]:
+    """Create or complete one kit; return its public-key line (old flow) and whether it is new.
 
-
-def _new_key(path: Path, fmt: serialization.PrivateFormat) -> _ECKey:
-    key = ec.generate_private_key(ec.SECP384R1())
-    write_atomic(path, key.private_bytes(_PEM, fmt, serialization.NoEncryption()))
-    return key
-
-
-def _load_key(path: Path, ssh: bool = False) -> _ECKey:
-    data = path.read_bytes()
-    try:
-        key = (serialization.load_ssh_private_key(data, None) if ssh
-               else serialization.load_pem_private_key(data, None))
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise ProvisionError(f"Cannot read private key {path}: {err}") from None
-    if not isinstance(key, _ECKey):
-        raise ProvisionError(f"{path} is not an EC private key")
-    return key
-
-
-def _cert(subject: x509.Name, issuer: x509.Name, key: _ECKey, days: int, ca: bool,
-          extra: list[tuple[x509.ExtensionType, bool]], signer: _ECKey) -> x509.Certificate:
-    # Start 5 minutes back to tolerate small clock skew between machines.
-    start = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
-    usage = x509.KeyUsage(digital_signature=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          key_cert_sign=ca, crl_sign=ca, encipher_only=False,
-                          decipher_only=False)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None),
-                              critical=True)
-               .add_extension(usage, critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                              critical=False))
-    for ext, critical in extra:
-        builder = builder.add_extension(ext, critical=critical)
-    return builder.sign(signer, hashes.SHA256())
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsilo"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _ensure_ca(ca_dir: Path) -> tuple[_ECKey, x509.Certificate]:
-    key_path, cert_path = ca_dir / "ca.key", ca_dir / "ca.pem"
-    if cert_path.exists() and not key_path.exists():
-        raise ProvisionError(f"{cert_path} exists but its key ca.key is missing: restore it, "
-                             "or remove the folder to start over (all kits become invalid)")
-    if key_path.exists():
-        key = _load_key(key_path)
-        if cert_path.exists():
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            if cert.public_key() != key.public_key():
-                raise ProvisionError(f"{cert_path} does not match {key_path}")
-            log.info("Reusing CA %s (expires %s)", cert_path, cert.not_valid_after_utc.date())
-            return key, cert
-        log.warning("CA key %s has no certificate (interrupted run?); issuing one", key_path)
-    else:
-        key = _new_key(key_path, serialization.PrivateFormat.PKCS8)
-    name = _name("fedsilo federation CA")
-    cert = _cert(name, name, key, CA_DAYS, True, [], key)
-    write_atomic(cert_path, cert.public_bytes(_PEM), PUBLIC)
-    log.info("Created CA %s (valid until %s)", cert_path, cert.not_valid_after_utc.date())
-    return key, cert
-
-
-def _san_keys(names: x509.SubjectAlternativeName | list[x509.GeneralName]) -> set[tuple]:
-    return {(type(n).__name__, str(n.value).lower()) for n in names}
-
-
-def _ensure_server(server_dir: Path, hosts: list[str], ca_key: _ECKey,
-                   ca: x509.Certificate) -> tuple[Path, Path]:
-    key_path, cert_path = server_dir / "server.key", server_dir / "server.pem"
-    sans: list[x509.GeneralName] = []
-    for host in [*hosts, "localhost", "127.0.0.1"]:
-        try:
-            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            entry = x509.DNSName(host)
-        sans += [] if entry in sans else [entry]
-    key = _load_key(key_path) if key_path.exists() else None
-    if cert_path.exists():
-        old = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        old_sans = [e.value for e in old.extensions
-                    if isinstance(e.value, x509.SubjectAlternativeName)]
-        reasons = [] if old_sans and _san_keys(old_sans[0]) == _san_keys(sans) else [
-            "host names changed"]
-        try:
-            old.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            reasons.append("not issued by the current CA")
-        if old.not_valid_after_utc - dt.datetime.now(dt.UTC) < dt.timedelta(days=RENEW_DAYS):
-            reasons.append("expires soon")
-        if key is None or old.public_key() != key.public_key():
-            reasons.append("server.key missing or not matching")
-        if not reasons:
-            log.info("Keeping server certificate %s", cert_path)
-            return cert_path, key_path
-        write_atomic(cert_path.with_name("server.pem.bak"), cert_path.read_bytes(), PUBLIC)
-        log.info("Re-issuing server certificate (%s); old one kept as server.pem.bak",
-                 ", ".join(reasons))
-    if key is None:
-        key = _new_key(key_path, serialization.PrivateFormat.PKCS8)
-    ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    extra: list[tuple[x509.ExtensionType, bool]] = [
-        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-        (x509.SubjectAlternativeName(sans), False),
-        (x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)]
-    subject = _name(hosts[0] if len(hosts[0]) <= 64 else "fedsilo superlink")
-    cert = _cert(subject, ca.subject, key, SERVER_DAYS, False, extra, ca_key)
-    write_atomic(cert_path, cert.public_bytes(_PEM), PUBLIC)
-    log.info("Server certificate %s for %s", cert_path, ", ".join(str(n.value) for n in sans))
-    return cert_path, key_path
-
-
-def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Return the OpenSSH SHA-256 fingerprint, as ``ssh-keygen -lf`` prints it."""
-    line = public_key.public_bytes(_SSH, serialization.PublicFormat.OpenSSH)
-    digest = hashlib.sha256(base64.b64decode(line.split()[1])).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def _ensure_kit(kit: Path, name: str, superlink: str, ca_pem: bytes) -> tuple[bytes, bool]:
-    """Create or complete one kit; return its OpenSSH public-key line and whether it is new."""
+    A kit holds ``ca.pem`` and ``client.toml``; only with ``generate_key`` (the old flow,
+    where the coordinator makes and therefore holds the institution's key) also
+    ``node.key`` and ``node.pub``. An existing kit is completed, never overwritten.
+    """
     key_path, existed = kit / "node.key", kit.exists()
-    _mkdir(kit, private=True)
-    if key_path.exists():
-        key = _load_key(key_path, ssh=True)
-    elif (kit / "node.pub").exists():
-        raise ProvisionError(f"Kit {kit} has node.pub but no node.key; restore node.key, "
-                             "or remove the kit folder and its allow-list entry")
-    else:
-        key = _new_key(key_path, serialization.PrivateFormat.OpenSSH)
-    pub = key.public_key().public_bytes(_SSH, serialization.PublicFormat.OpenSSH)
-    pub += f" fedsilo:{name}\n".encode()
-    files = {"node.pub": pub, "ca.pem": ca_pem,
-             "client.toml": client_toml(name, superlink).encode()}
+    mkdir(kit, private=True)
+    pub = None
+    files = {"ca.pem": ca_pem}
+    if key_path.exists() or generate_key:
+        if key_path.exists():
+            key = load_key(key_path, ssh=True)
+        elif (kit / "node.pub").exists():
+            raise ProvisionError(f"Kit {kit} has node.pub but no node.key; restore node.key, "
+                                 "or remove the kit folder and its allow-list entry")
+        else:
+            key = new_key(key_path, serialization.PrivateFormat.OpenSSH)
+        pub = public_line(key.public_key(), name)
+        files["node.pub"] = pub
+    files["client.toml"] = client_toml(name, superlink, ca_sha256,
+                                       institution_key=pub is None).encode()
     for fname, data in files.items():
         if not (kit / fname).exists():
             write_atomic(kit / fname, data, PUBLIC)
@@ -257,9 +145,52 @@ def _check(hosts: list[str], institutions: list[str], port: int) -> tuple[list, 
     return clean, names
 
 
-def provision(out_dir: Path, hosts: list[str], institutions: list[str],
-              port: int = 9092) -> Provisioned:
-    """Create or extend the coordinator's CA, server certificate and institution kits.
+def _institution_keys(names: list[str], public_keys: Mapping[str, Path],
+                      index: dict[str, dict], generate_keys: bool,
+                      expected: Mapping[str, int]) -> dict[str, bytes | None]:
+    """Each institution's public-key line from its own file (None: from its kit or entry).
+
+    Everything is checked before anything is written.
+    """
+    unknown = sorted({k.lower() for k in [*public_keys, *expected]} - set(names))
+    if unknown:
+        raise ProvisionError(f"--public-key / --expected-examples for {unknown}, which is not "
+                             "among the --institution names")
+    if generate_keys and public_keys:
+        raise ProvisionError("--public-key and --generate-keys-at-coordinator exclude each "
+                             "other: the institution makes its key, or (old flow) you do")
+    for name, count in expected.items():
+        if count < 1:
+            raise ProvisionError(f"--expected-examples {count} for {name!r}: give a whole "
+                                 "number ≥ 1")
+    lines: dict[str, bytes | None] = {}
+    for name in names:
+        path = {k.lower(): v for k, v in public_keys.items()}.get(name)
+        if path is None:
+            if name not in index and not generate_keys:
+                raise ProvisionError(
+                    f"institution {name!r} has no --public-key: the institution creates its "
+                    "key pair with `flower-client keygen` and sends you node.pub (or, the old "
+                    "flow, --generate-keys-at-coordinator, which leaves its private key "
+                    "with you)")
+            lines[name] = None
+            continue
+        key = read_public_key(path)
+        fp = public_key_fingerprint(key)
+        if name in index and index[name]["sha256"] != fp:
+            raise ProvisionError(
+                f"institution {name!r} is already on the allow-list with key "
+                f"{index[name]['sha256']}, not {fp} ({path}); to replace its key, remove its "
+                "entry from allowlist.json and its .pub file, then provision it again")
+        lines[name] = public_line(key, name)
+    return lines
+
+
+def provision(out_dir: Path, hosts: list[str], institutions: list[str], port: int = 9092, *,
+              public_keys: Mapping[str, Path] | None = None,
+              expected_examples: Mapping[str, int] | None = None,
+              generate_keys: bool = False) -> Provisioned:
+    """Create or extend the coordinator's CA, server certificate, allow-list and kits.
 
     Parameters
     ----------
@@ -270,9 +201,17 @@ def provision(out_dir: Path, hosts: list[str], institutions: list[str],
         kit's ``superlink`` address. ``localhost`` and ``127.0.0.1`` are always added.
     institutions
         Institution names, ``[a-z0-9][a-z0-9._-]{0,62}``, case-insensitive and stored in
-        lower case. Existing kits are kept as they are; new names get a kit.
+        lower case. Existing entries and kits are kept; new names get a kit.
     port
         SuperLink Fleet API port written into each ``client.toml``.
+    public_keys
+        Each new institution's public key file (``node.pub`` from ``flower-client
+        keygen``). Its private key stays at the institution; the kit holds no key.
+    expected_examples
+        Training examples each institution is expected to declare (allow-list entry).
+    generate_keys
+        Old flow: the coordinator generates each new institution's key and puts it in
+        the kit, so it holds that key and could impersonate the institution.
 
     Returns
     -------
@@ -280,94 +219,143 @@ def provision(out_dir: Path, hosts: list[str], institutions: list[str],
         Paths of everything written or reused.
     """
     hosts, names = _check(hosts, institutions, port)
+    expected = {k.lower(): v for k, v in (expected_examples or {}).items()}
     out_dir = Path(out_dir)
-    ca_key, ca = _ensure_ca(_mkdir(out_dir / "ca", private=True))
-    server_cert, server_key = _ensure_server(_mkdir(out_dir / "server", private=True),
+    allow_dir, kits_dir = out_dir / "allowlist", out_dir / "kits"
+    index_path = allow_dir / INDEX
+    index = read_index(index_path) if index_path.exists() else {}
+    lines = _institution_keys(names, public_keys or {}, index, generate_keys, expected)
+    ca_key, ca = ensure_ca(mkdir(out_dir / "ca", private=True))
+    server_cert, server_key = ensure_server(mkdir(out_dir / "server", private=True),
                                              hosts, ca_key, ca)
-    allow_dir, kits_dir = _mkdir(out_dir / "allowlist"), _mkdir(out_dir / "kits", private=True)
-    index_path = allow_dir / "allowlist.json"
-    index = _read_index(index_path) if index_path.exists() else {}
-    superlink = f"[{hosts[0]}]:{port}" if ":" in hosts[0] else f"{hosts[0]}:{port}"
+    mkdir(allow_dir), mkdir(kits_dir, private=True)
+    superlink = _superlink(hosts[0], port)
+    ca_pem, ca_sha256 = ca.public_bytes(_PEM), ca_fingerprint(ca)
     kits: dict[str, Path] = {}
     created: list[str] = []
     for name in names:
         kit, pub_path = kits_dir / name, allow_dir / f"{name}.pub"
-        if name in index and not kit.exists():
+        if generate_keys and name in index and not kit.exists():
             raise ProvisionError(f"{name!r} is on the allow-list but its kit {kit} is missing; "
                                  f"remove its entry from {index_path} and {pub_path} to issue "
                                  "a new key (and unregister the old node)")
-        pub, new = _ensure_kit(kit, name, superlink, ca.public_bytes(_PEM))
-        kits[name], fp = kit, fingerprint(serialization.load_ssh_public_key(pub))
+        kit_pub, new = _ensure_kit(kit, name, superlink, ca_pem, ca_sha256,
+                                   generate_keys and name not in index)
+        kits[name], pub = kit, lines[name] or kit_pub
         created += [name] if new else []
+        if lines[name] and kit_pub and lines[name] != kit_pub:
+            raise ProvisionError(f"Kit {kit} holds a coordinator-made key for {name!r} that is "
+                                 "not the --public-key given; remove the old kit first")
+        if pub is None and not pub_path.is_file():
+            raise ProvisionError(f"{pub_path} is missing; give {name!r}'s --public-key again")
+        pub = pub or pub_path.read_bytes()
+        fp = public_key_fingerprint(serialization.load_ssh_public_key(pub.strip()))
         if name in index and index[name]["sha256"] != fp:
             raise ProvisionError(f"Allow-list entry for {name!r} does not match its kit's key "
                                  f"({index[name]['sha256']} vs {fp}); resolve this by hand")
         if not pub_path.exists():
             write_atomic(pub_path, pub, PUBLIC)
-        elif _pub_fingerprint(pub_path) != fp:
-            raise ProvisionError(f"{pub_path} does not match the key in {kit}")
-        if index.get(name) != (entry := {"public-key": pub_path.name, "sha256": fp}):
+        elif key_file_fingerprint(pub_path) != fp:
+            raise ProvisionError(f"{pub_path} does not match the key of {name!r}")
+        entry = {"public-key": pub_path.name, "sha256": fp, "expected-examples":
+                 expected.get(name, index.get(name, {}).get("expected-examples"))}
+        if index.get(name) != entry:
             index[name] = entry
-            write_atomic(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n", PUBLIC)
+            write_index(index_path, index)
     return Provisioned(out_dir / "ca" / "ca.pem", server_cert, server_key, index_path, kits,
-                       tuple(created))
+                       tuple(created), ca_sha256)
 
 
-def load_allowlist(out_dir: Path) -> dict[str, Path]:
-    """Return institution -> public-key file, checking each file against its fingerprint."""
-    index_path = Path(out_dir) / "allowlist" / "allowlist.json"
-    if not index_path.exists():
-        raise ProvisionError(f"No allow-list at {index_path}; run fedsilo-provision first")
-    out: dict[str, Path] = {}
-    for name, entry in _read_index(index_path).items():
-        path = index_path.parent / entry["public-key"]
-        if not path.is_file() or _pub_fingerprint(path) != entry["sha256"]:
-            raise ProvisionError(f"Public key {path} does not match the allow-list entry")
-        out[name] = path
-    return out
+def _pairs(flag: str, values: list, names: list[str]) -> dict[str, object]:
+    """Pair the n-th ``flag`` value with the n-th --institution."""
+    if values and len(values) != len(names):
+        raise ProvisionError(f"give one {flag} per --institution, in the same order (got "
+                             f"{len(names)} institution(s) and {len(values)} {flag})")
+    return dict(zip(names, values, strict=False))
 
 
-def _read_index(path: Path) -> dict[str, dict[str, str]]:
-    try:
-        index = json.loads(path.read_text())
-        if all(isinstance(e, dict) and {"public-key", "sha256"} <= e.keys()
-               for e in index.values()):
-            return index
-    except (ValueError, AttributeError):
-        pass
-    raise ProvisionError(f"{path} is not a valid allow-list index; restore it by hand")
+def _next_steps(out: Path, hosts: list[str], port: int, result: Provisioned,
+                generated: bool) -> str:
+    """The commands both sides run next, for the host and port the kits were made for."""
+    listen = "127.0.0.1" if all(h.lower() in _LOOPBACK for h in hosts) else "0.0.0.0"
+    lines = [f"Next steps (the kits dial {_superlink(hosts[0], port)}):",
+             "  coordinator: issue the agreement for the run's flags (RUN FLAGS, e.g. "
+             "--labels labels.txt --num-rounds 5), then run under it with the same flags:",
+             f"    flower-server agreement --pki {out} --name FEDERATION --out agreement.json "
+             "RUN FLAGS",
+             f"    flower-server --pki {out} --host {listen} --port {port} "
+             "--agreement agreement.json RUN FLAGS",
+             "  each institution, in " + ("its kit folder (it holds the key made here)"
+                                         if generated else
+                                         "the folder holding its node.key (from `flower-client "
+                                         "keygen`), after copying in the kit's ca.pem and "
+                                         "client.toml") + ", with client.toml's data settings "
+             "edited:",
+             "    flower-client --config client.toml --check   # prints the CA fingerprint: "
+             f"it must be {result.ca_sha256}",
+             "    flower-client approve agreement.json --config client.toml   # --yes when "
+             "there is no terminal",
+             "    flower-client --config client.toml"]
+    return "\n".join(lines)
 
 
-def _pub_fingerprint(path: Path) -> str | None:
-    try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except (ValueError, UnsupportedAlgorithm):
-        return None
-    return fingerprint(key) if isinstance(key, ec.EllipticCurvePublicKey) else None
+def _superlink(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``flower-server provision --out DIR --host H --institution NAME ...``."""
-    parser = argparse.ArgumentParser(prog="flower-server provision",
-                                     description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flower-server provision", description=(__doc__ or "").splitlines()[0],
+        epilog="Each institution runs `flower-client keygen` and sends you its node.pub; you "
+        "compare its fingerprint with the institution's out of band.")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--host", action="append", required=True,
-                        help="public host name or IP of the SuperLink (repeatable)")
+                        help="public host name or IP of the SuperLink, written into every "
+                        "kit (repeatable; the first one is what institutions dial)")
+    parser.add_argument("--port", type=int, default=9092,
+                        help="public port institutions dial (flower-server --port); written "
+                        "into every kit")
     parser.add_argument("--institution", action="append", default=[],
                         help="institution name (repeatable)")
-    parser.add_argument("--port", type=int, default=9092, help="SuperLink Fleet API port")
+    parser.add_argument("--public-key", action="append", type=Path, default=[],
+                        help="the institution's node.pub from `flower-client keygen`, one per "
+                        "--institution in the same order")
+    parser.add_argument("--expected-examples", action="append", type=int, default=[],
+                        help="training examples the institution is expected to declare, one "
+                        "per --institution in the same order (optional)")
+    parser.add_argument("--generate-keys-at-coordinator", action="store_true",
+                        help="OLD FLOW, not recommended: generate each new institution's "
+                        "private key here and put it in its kit. You then hold every "
+                        "institution's key and could impersonate it; send each kit over a "
+                        "secure channel and delete your copy")
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        result = provision(args.out, args.host, args.institution, args.port)
-        allow = load_allowlist(args.out)
+        keys = _pairs("--public-key", args.public_key, args.institution)
+        expected = _pairs("--expected-examples", args.expected_examples, args.institution)
+        result = provision(args.out, args.host, args.institution, args.port,
+                           public_keys=keys, expected_examples=expected,
+                           generate_keys=args.generate_keys_at_coordinator)
+        allowed = allowlist_entries(args.out) if result.kits else {}
     except ProvisionError as err:
         log.error("%s", err)
         return 2
-    log.info("allow-list: %s (flower-server registers these keys at start)",
-             ", ".join(f"{name} ({allow[name].name})" for name in result.kits))
+    log.info("CA fingerprint (SHA-256) %s: tell every institution by a second channel "
+             "(phone, in person); its `flower-client --check` prints the same", result.ca_sha256)
+    for name in result.kits:
+        entry = allowed[name]
+        log.info("allow-list: %s key %s, expected examples %s (flower-server registers it at "
+                 "start)", name, entry.sha256, entry.expected_examples or "not given")
     for name in result.created:
-        log.info("Send %s the folder %s over a secure channel (it holds its private key)",
-                 name, result.kits[name])
-    log.info("Start the coordinator with: flower-server --pki %s", args.out)
+        if (result.kits[name] / "node.key").exists():
+            log.warning("kit %s holds %s's PRIVATE key, made here (--generate-keys-at-"
+                        "coordinator): send it over a secure channel, then delete your copy",
+                        result.kits[name], name)
+        else:
+            log.info("send %s its kit %s (ca.pem, client.toml; no private key)", name,
+                     result.kits[name])
+    hosts = [h.strip().strip("[]") for h in args.host]
+    log.info("%s", _next_steps(args.out, hosts, args.port, result,
+                               args.generate_keys_at_coordinator))
     return 0

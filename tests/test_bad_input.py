@@ -42,7 +42,8 @@ def rows(labels: tuple[str, ...] = ("cardio", "resp")) -> str:
 @pytest.fixture
 def kit(tmp_path: Path) -> Path:
     """A provisioned institution kit with good data and a ledger holding one round."""
-    folder = provision(tmp_path / "pki", ["localhost"], ["hospital-a"]).kits["hospital-a"]
+    folder = provision(tmp_path / "pki", ["localhost"], ["hospital-a"],
+                       generate_keys=True).kits["hospital-a"]
     (folder / "data").mkdir()
     (folder / "data" / "train.csv").write_text(rows(), "utf-8")
     Ledger.open(folder / "ledger", "e" * 64, "rdp").record(3, 1, 40, 0.05, 1.0, 1e-5)

@@ -54,7 +54,7 @@ def make_cert(key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKe
 @pytest.fixture
 def pki(tmp_path: Path) -> Provisioned:
     """A provisioned federation; hospital-a's kit has data and a one-round ledger."""
-    done = provision(tmp_path / "pki", ["localhost"], ["hospital-a"])
+    done = provision(tmp_path / "pki", ["localhost"], ["hospital-a"], generate_keys=True)
     kit = done.kits["hospital-a"]
     (kit / "data").mkdir()
     (kit / "data" / "train.csv").write_text(DATA, "utf-8")
@@ -129,7 +129,7 @@ def _unreadable_key(kit: Path) -> str:
 
 def _missing_key(kit: Path) -> str:
     (kit / "node.key").unlink()
-    return r"auth-private-key .*node\.key: cannot read it .*use the node\.key from the kit"
+    return r"auth-private-key .*node\.key: cannot read it .*flower-client keygen"
 
 
 def _loose_key(mode: int) -> Callable[[Path], str]:

@@ -46,7 +46,9 @@ if os.environ.get("FEDSILO_TEST_HOSTILE"):
 def site(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("faults")
     port = free_port()
-    pki = provision(root / "pki", ["localhost"], list(NAMES), port=port)
+    # The old flow (keys made here) keeps these kits self-contained; test_deployment
+    # covers institution-held keys.
+    pki = provision(root / "pki", ["localhost"], list(NAMES), port=port, generate_keys=True)
     icd = load_records("icd10")
     data = {}
     for j, name in enumerate(NAMES):
@@ -93,6 +95,21 @@ def _kits(site, tmp: Path, names) -> dict[str, Path]:
     return kits
 
 
+def _agree(site, kits: dict[str, Path], out: Path, *flags: str) -> Path:
+    """Issue the agreement for the run ``flags`` describe; every kit approves it."""
+    issue = subprocess.run([str(BIN / "flower-server"), "agreement", "--name", "icd",
+                            "--out", str(out), "--pki", str(site["root"] / "pki"),
+                            "--model", site["model"], "--batch-size", "32", *flags],
+                           env=_env(), capture_output=True, text=True)
+    assert issue.returncode == 0, issue.stderr
+    for kit in kits.values():
+        done = subprocess.run([str(BIN / "flower-client"), "approve", str(out),
+                               "--config", str(kit / "client.toml"), "--yes"], env=_env(),
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+    return out
+
+
 def _tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -135,8 +152,10 @@ def _entries(kit: Path) -> list[dict]:
 
 def test_dropped_and_hostile_institutions_do_not_stop_the_run(site, tmp_path):
     kits, out = _kits(site, tmp_path, NAMES), tmp_path / "out"
+    agreement = _agree(site, kits, tmp_path / "agreement.json", "--num-rounds", "2")
     server = _server(site, out, tmp_path / "server.log", "--num-rounds", "2",
-                     "--min-available", "4", "--straggler-timeout", "20")
+                     "--min-available", "4", "--straggler-timeout", "20",
+                     "--agreement", str(agreement))
     hostile = {"hospital-c": "nan", "hospital-d": "huge"}
     clients = {n: _client(site, kits[n], n, tmp_path / f"{n}.log",
                           PYTHONPATH=str(site["root"] / "hostile"),
@@ -167,20 +186,10 @@ def test_dropped_and_hostile_institutions_do_not_stop_the_run(site, tmp_path):
 
 def test_coordinator_killed_after_round_one_resumes_and_counts_each_round_once(site, tmp_path):
     kits, out = _kits(site, tmp_path, NAMES[:2]), tmp_path / "out"
-    agreement = tmp_path / "agreement.json"
     # SCAFFOLD: its controls and node map must survive the coordinator's death too.
     flags = ["--num-rounds", "3", "--min-available", "2", "--target-epsilon", "6",
              "--strategy", "scaffold", "--optimizer", "sgd", "--learning-rate", "0.5"]
-    issue = subprocess.run([str(BIN / "flower-server"), "agreement", "--name", "icd",
-                            "--out", str(agreement), "--pki", str(site["root"] / "pki"),
-                            "--model", site["model"], "--min-train", "2", "--batch-size",
-                            "32", *flags], env=_env(), capture_output=True, text=True)
-    assert issue.returncode == 0, issue.stderr
-    for kit in kits.values():
-        done = subprocess.run([str(BIN / "flower-client"), "approve", str(agreement),
-                               "--config", str(kit / "client.toml"), "--yes"], env=_env(),
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        assert done.returncode == 0, done.stderr
+    agreement = _agree(site, kits, tmp_path / "agreement.json", *flags)
     server = _server(site, out, tmp_path / "server.log", *flags, "--agreement", str(agreement))
     clients = [_client(site, kits[n], n, tmp_path / f"{n}.log") for n in kits]
     try:
@@ -219,17 +228,7 @@ def test_coordinator_killed_after_round_one_resumes_and_counts_each_round_once(s
 
 def test_a_run_that_breaks_the_approved_agreement_is_declined_naming_the_term(site, tmp_path):
     kits, out = _kits(site, tmp_path, NAMES[:2]), tmp_path / "out"
-    agreement = tmp_path / "agreement.json"
-    base = ["--pki", str(site["root"] / "pki"), "--model", site["model"], "--min-train", "2",
-            "--batch-size", "32", "--min-available", "2"]
-    issue = subprocess.run([str(BIN / "flower-server"), "agreement", "--name", "icd", "--out",
-                            str(agreement), *base, "--num-rounds", "1"], env=_env(),
-                           capture_output=True, text=True)
-    assert issue.returncode == 0, issue.stderr
-    for kit in kits.values():
-        assert subprocess.run([str(BIN / "flower-client"), "approve", str(agreement),
-                               "--config", str(kit / "client.toml"), "--yes"],
-                              env=_env(), capture_output=True).returncode == 0
+    _agree(site, kits, tmp_path / "agreement.json", "--num-rounds", "1")
     ident = next((kits["hospital-a"] / "ledger" / "agreements").glob("*.json")).stem
     # A coordinator that names the agreement but asks for more ε than approved.
     server = _server(site, out, tmp_path / "server.log", "--num-rounds", "1",
