@@ -92,8 +92,8 @@ def pretrained_toy(folder: Path, epochs: int = 8) -> Path:
     (folder / "1_Pooling" / "config.json").write_text(
         json.dumps({"pooling_mode_mean_tokens": True}))
     cfg = FedsiloConfig.from_flat({"model": str(folder), "trainable": "all", "dp": False,
-                                   "learning-rate": 3e-3, "batch-size": 64,
-                                   "local-epochs": epochs})
+                                   "learning-rate": 3e-3, "encoder-learning-rate": 3e-3,
+                                   "batch-size": 64, "local-epochs": epochs})
     model = load_model(cfg.model, LabelMap.from_names([f"t{i}" for i in range(CONTENT)]), 0)
     local.train_plain(model, relational(8000, 7, fine=True), cfg, torch.device("cpu"))
     model.save_pretrained(folder)  # the 40-way head is replaced by the task's 4-way one
