@@ -129,7 +129,12 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="local optimiser: adamw, or sgd (plain, no momentum or weight "
         "decay; what --strategy scaffold corrects)")
-    learning_rate: float = Field(1e-2, gt=0, description="local learning rate")
+    learning_rate: float = Field(1e-2, gt=0, description="local learning rate (with "
+                                 "--optimizer adamw: of the classification head)")
+    encoder_learning_rate: float = Field(
+        0.0, ge=0, description="AdamW learning rate of the encoder-side tensors that train "
+        "(LoRA adapters, encoder layers); 0 = the --trainable recipe's (lora 1e-3, top-k 1e-3, "
+        "all 1e-4; docs/fine-tuning.md)")
     seed: int = Field(42, description="seed for splits, initialisation and sampling")
 
 
