@@ -38,20 +38,27 @@ def machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def reset_peak() -> int:
-    """Reset the peak-memory counter; return the current resident (or CUDA) bytes."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+def reset_peak(device: torch.device | None = None) -> int:
+    """Reset the peak-memory counter; return the current resident (or CUDA) bytes.
+
+    ``device`` None: CUDA's counters when CUDA is present, else the process's.
+    """
+    if _cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
     return _status_bytes("VmRSS")
 
 
-def peak() -> int:
+def peak(device: torch.device | None = None) -> int:
     """Peak resident (or CUDA allocated) bytes since :func:`reset_peak`."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
+    if _cuda(device):
+        return torch.cuda.max_memory_allocated(device)
     return _status_bytes("VmHWM")
+
+
+def _cuda(device: torch.device | None) -> bool:
+    return torch.cuda.is_available() if device is None else device.type == "cuda"
 
 
 def _status_bytes(field: str) -> int:

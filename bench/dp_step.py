@@ -7,17 +7,22 @@ median ratios to the non-private step measured in the same run. ``head-features`
 is what the default (``--trainable classifier``) runs in a federation: the head
 alone on the frozen encoder's cached features of that batch.
 
-Peak memory is what training adds to the loaded model: on a GPU the growth of CUDA
-allocated bytes over the timed steps. On a CPU it is the growth of the resident set
-(``VmHWM`` over ``VmRSS``) from before the first step (so it counts gradients,
-per-sample gradients, optimizer state and activations) through a second, measured
-in a second process whose glibc has a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_``):
+Model and batch go to ``--device`` (``auto``: CUDA when present); on a GPU every timed
+stretch starts and ends with ``torch.cuda.synchronize()``, so a step's time includes
+its kernels, not only their launch. Peak memory is what training adds to the loaded
+model: on a GPU the growth of CUDA allocated bytes over the timed steps. On a CPU it
+is the growth of the resident set (``VmHWM`` over ``VmRSS``) from before the first
+step (so it counts gradients, per-sample gradients, optimizer state and activations)
+through a second, measured in a second process whose glibc has a fixed mmap
+threshold (``MALLOC_MMAP_THRESHOLD_``):
 otherwise freed memory stays resident for reuse and the growth depends on which
 mode ran before. That setting slows allocation, so times come from the first pass.
 
     .venv/bin/python bench/dp_step.py            # writes bench/results/dp_step.{json,md}
     .venv/bin/python bench/dp_step.py --seq 128 --trainable all --modes bk ghost \
         --name dp_step-seq128                    # the issue's setting, all layers
+    .venv/bin/python bench/dp_step.py --device cuda --batch 32 --seq 128 \
+        --trainable all lora --modes bk ghost hooks --name dp_step-cuda
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from fedsilo.common import features
 from fedsilo.common.config import ModelConfig
 from fedsilo.common.data import LabelMap
 from fedsilo.common.features import logits
-from fedsilo.common.model import load_model
+from fedsilo.common.model import load_model, resolve_device
 
 MODES = ("bk", "ghost", "hooks", "functorch", "ew")
 TRAINABLE = ("all", "top-k", "lora", "classifier", "head-features")
@@ -53,14 +58,10 @@ TRAINABLE = ("all", "top-k", "lora", "classifier", "head-features")
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int,
-         cold: bool = False) -> tuple[float, int]:
-    """Seconds per step (after one warm-up step) and peak extra bytes of ``steps`` steps.
-
-    ``cold``: the peak counts from before the warm-up step, so it includes what the
-    first step allocates and keeps (gradients, per-sample gradients, optimizer state).
-    """
-    model = copy.deepcopy(model).train()
+def prepare(model: nn.Module, data: TensorDataset, mode: str, device: torch.device
+            ) -> tuple[nn.Module, torch.optim.Optimizer, Any, list[torch.Tensor]]:
+    """A copy of ``model`` made private (``mode``, or ``none``) and one batch, on ``device``."""
+    model = copy.deepcopy(model).train().to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     criterion: Any = nn.CrossEntropyLoss()
     loader = DataLoader(data, batch_size=len(data))
@@ -72,22 +73,41 @@ def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int,
                                    poisson_sampling=False)
         model, optimizer, criterion, loader = (private.model, private.optimizer,
                                                private.criterion, private.loader)
-    batch = next(iter(loader))
+    return model, optimizer, criterion, [t.to(device) for t in next(iter(loader))]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (CUDA runs them asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run(model: nn.Module, data: TensorDataset, mode: str, steps: int, device: torch.device,
+         cold: bool = False) -> tuple[float, int]:
+    """Seconds per step (after one warm-up step) and peak extra bytes of ``steps`` steps.
+
+    ``cold``: the peak counts from before the warm-up step, so it includes what the
+    first step allocates and keeps (gradients, per-sample gradients, optimizer state).
+    """
+    model, optimizer, criterion, batch = prepare(model, data, mode, device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         criterion(logits(model, *batch[:-1]), batch[-1]).backward()
         optimizer.step()
 
-    base = reset_peak()
+    synchronize(device)
+    base = reset_peak(device)
     step()  # warm-up: allocations, hooks
+    synchronize(device)
     if not cold:
-        base = reset_peak()
+        base = reset_peak(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
-    return seconds, max(peak() - base, 0)
+    return seconds, max(peak(device) - base, 0)
 
 
 def _measure(args: argparse.Namespace, trainable: str
@@ -101,7 +121,7 @@ def _measure(args: argparse.Namespace, trainable: str
     base = "classifier" if trainable == "head-features" else trainable
     model, inputs = load_model(ModelConfig(trainable=base), labels, seed=0), data
     if trainable == "head-features":
-        model, inputs = features.Head(model), features.extract(model, data, torch.device("cpu"))
+        model, inputs = features.Head(model), features.extract(model, data, args.device)
     samples: dict[str, list[tuple[float, int]]] = {m: [] for m in ("none", *args.modes)}
     errors: dict[str, str] = {}
     for _ in range(args.repeats):
@@ -109,7 +129,7 @@ def _measure(args: argparse.Namespace, trainable: str
             if mode in errors:
                 continue
             try:
-                samples[mode].append(_run(model, inputs, mode, args.steps,
+                samples[mode].append(_run(model, inputs, mode, args.steps, args.device,
                                           cold=args.memory_pass))
             except Exception as err:  # noqa: BLE001 - an unsupported mode is a result
                 errors[mode] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -119,7 +139,7 @@ def _measure(args: argparse.Namespace, trainable: str
 
 def _cpu_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     """Peak bytes per trainable set and mode, from a process with a fixed mmap threshold."""
-    cmd = [sys.executable, __file__, "--memory-pass", "--batch", str(args.batch),
+    cmd = [sys.executable, __file__, "--memory-pass", "--device", "cpu", "--batch", str(args.batch),
            "--seq", str(args.seq), "--trainable", *args.trainable, "--modes", *args.modes]
     done = subprocess.run(cmd, env={**os.environ, **MMAP_ENV}, check=True, text=True,
                           stdout=subprocess.PIPE)
@@ -137,9 +157,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                         help="DP modes to measure beside the non-private step")
     parser.add_argument("--name", default="dp_step", help="results file name")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--memory-pass", action="store_true",
                         help="internal: print one step's peak bytes per set and mode as JSON")
     args = parser.parse_args()
+    args.device = resolve_device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.memory_pass:
         args.steps, args.repeats = 1, 1
@@ -147,7 +170,7 @@ def main() -> None:
                           for t in args.trainable}))
         return
     measured = {t: _measure(args, t) for t in args.trainable}
-    cpu_peaks = None if torch.cuda.is_available() else _cpu_peaks(args)
+    cpu_peaks = _cpu_peaks(args) if args.device.type == "cpu" else None
     results: list[dict[str, Any]] = []
     rows = []
     for trainable, (samples, errors) in measured.items():
@@ -173,7 +196,8 @@ def main() -> None:
                              "n/a" if mem_ratio is None else f"{mem_ratio:.2f}"])
             results.append(entry)
     table = markdown(["trainable", "mode", "s/step", "time ×", "peak MiB", "memory ×"], rows)
-    settings = vars(args) | {"cpu_memory_env": None if cpu_peaks is None else MMAP_ENV}
+    settings = vars(args) | {"device": str(args.device),
+                             "cpu_memory_env": None if cpu_peaks is None else MMAP_ENV}
     path = write(args.name, {"settings": settings, "results": results}, table)
     print(table)
     logging.info("wrote %s", path)

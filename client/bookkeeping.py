@@ -10,6 +10,14 @@ sum of clipped per-example gradients directly, so there is no second pass. The
 parameters are also left out of the autograd graph, so the one backward pass
 computes input gradients only.
 
+Linear layers that read the same input (a block's query, key and value; the LoRA
+adapters beside them) are computed as one layer of their summed width: one norm and
+one matrix product for the clipped sum, whose rows are the layers' gradients. The
+step never waits on the device (no ``.item()``, no branch on a tensor's value), so a
+GPU runs it without synchronising. An example whose gradient is not finite (a
+received model can make one overflow) gets zero weight through ``torch.where``
+(a product would turn ``0 · inf`` into NaN): the clipped sum stays finite.
+
 This module computes the clipped sum into ``p.grad``; noise, scaling, Poisson
 sampling and accounting stay Opacus's (``DPOptimizerFastGradientClipping``, its data
 loader and accountant), exactly as with ghost clipping. Supported trainable layers:
@@ -31,8 +39,9 @@ from torch.utils.hooks import RemovableHandle
 _EPS = 1e-6
 #: Whether a layer's parameter (``None`` when the layer has none) is being trained.
 Trains = Callable[[nn.Parameter | None], bool]
-#: Clipped sums of one layer's trainable parameters for per-example coefficients.
-Clip = Callable[[torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+#: Clipped sums of some layers' trainable parameters, from per-example coefficients
+#: and the mask of examples whose gradient is finite.
+Clip = Callable[[torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]]
 
 
 def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -40,31 +49,45 @@ def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), width)  # no -1: B may be 0
 
 
-def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor,
-            trains: Trains) -> tuple[torch.Tensor, Clip]:
-    """Per-example squared norms of a linear layer's gradients, and its clipped sum."""
-    a, g = _flat(a, layer.in_features).to(g.dtype), _flat(g, layer.out_features)
-    steps = a.shape[1]
-    if not trains(layer.weight):
+def _rows(keep: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the rows of examples outside ``keep`` set to zero (NaN and inf too)."""
+    return torch.where(keep.view(-1, *(1,) * (t.dim() - 1)), t, 0)
+
+
+def _linears(layers: list[nn.Linear], a: torch.Tensor, gs: list[torch.Tensor],
+             trains: Trains) -> tuple[torch.Tensor, Clip]:
+    """Per-example squared norms and clipped sum of linear layers that share input ``a``.
+
+    Their output gradients side by side are the output gradient of one layer whose
+    weight stacks theirs: its per-example gradient norm is their joint norm.
+    """
+    widths = [layer.out_features for layer in layers]
+    g = torch.cat([_flat(x, w) for x, w in zip(gs, widths, strict=True)], -1)
+    a = _flat(a, layers[0].in_features).to(g.dtype)
+    width, steps, fan_in = g.shape[-1], a.shape[1], a.shape[-1]
+    weights, biases = trains(layers[0].weight), trains(layers[0].bias)
+    if not weights:
         norms = torch.zeros(len(g), dtype=g.dtype, device=g.device)
     elif steps == 1:
         norms = g.square().sum((1, 2)) * a.square().sum((1, 2))
-    elif steps * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features:
+    elif steps * (fan_in + width) < fan_in * width:
         # Ghost norm: ||g^T a||^2 = <g g^T, a a^T>, without the (out, in) per-example gradient.
         norms = (g @ g.transpose(1, 2) * (a @ a.transpose(1, 2))).sum((1, 2))
     else:  # long sequences: the per-example gradient is the smaller tensor
         norms = (g.transpose(1, 2) @ a).square().sum((1, 2))
-    if trains(layer.bias):
+    if biases:
         norms = norms + g.sum(1).square().sum(1)
 
-    def clip(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        weighted = g * coef[:, None, None]
-        grads = {}
-        if trains(layer.weight):
-            grads[layer.weight] = (weighted.reshape(-1, layer.out_features).T
-                                   @ a.reshape(-1, layer.in_features))
-        if trains(layer.bias):
-            grads[layer.bias] = weighted.sum((0, 1))
+    def clip(coef: torch.Tensor, keep: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        weighted = _rows(keep, g * coef.to(g.dtype)[:, None, None])
+        grads: dict[nn.Parameter, torch.Tensor] = {}
+        if weights:
+            stacked = weighted.reshape(-1, width).T @ _rows(keep, a).reshape(-1, fan_in)
+            grads.update(zip([layer.weight for layer in layers], stacked.split(widths),
+                                 strict=True))
+        if biases:
+            grads.update(zip([layer.bias for layer in layers],
+                             weighted.sum((0, 1)).split(widths), strict=True))
         return grads
 
     return norms, clip
@@ -80,8 +103,8 @@ def _embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor,
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
     norms = (same * (g @ g.transpose(1, 2))).sum((1, 2))
 
-    def clip(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        rows = (g * coef[:, None, None]).reshape(-1, layer.embedding_dim)
+    def clip(coef: torch.Tensor, keep: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        rows = _rows(keep, g * coef.to(g.dtype)[:, None, None]).reshape(-1, layer.embedding_dim)
         return {layer.weight: torch.zeros_like(layer.weight).index_add_(
             0, ids.reshape(-1), rows.to(layer.weight.dtype))}
 
@@ -103,15 +126,16 @@ def _layer_norm(layer: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor,
         samples[layer.bias] = g.sum(dims)
     norms = sum(s.reshape(len(s), -1).square().sum(1) for s in samples.values())
 
-    def clip(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        return {p: torch.einsum("n,n...->...", coef.to(s.dtype), s) for p, s in samples.items()}
+    def clip(coef: torch.Tensor, keep: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        return {p: torch.einsum("n,n...->...", coef.to(s.dtype), _rows(keep, s))
+                for p, s in samples.items()}
 
     return norms, clip
 
 
-#: Each supported layer type's norms-and-clipped-sum function.
-_LAYERS = {nn.Linear: _linear, nn.Embedding: _embedding, nn.LayerNorm: _layer_norm}
-SUPPORTED = tuple(_LAYERS)
+#: Each supported layer type's norms-and-clipped-sum function (Linear: by shared input).
+_LAYERS = {nn.Embedding: _embedding, nn.LayerNorm: _layer_norm}
+SUPPORTED = (nn.Linear, *_LAYERS)
 
 
 class BookKeepingClipper:
@@ -179,7 +203,10 @@ class BookKeepingClipper:
                 "--grad-sample-mode hooks (Opacus's ghost clipping refuses shared weights too)")
         if not output.requires_grad:  # nothing trainable upstream: the graph starts here
             output.requires_grad_(True)
-        record = self._seen[module] = [inputs[0].detach()]
+        a = inputs[0].detach()
+        # Which tensor this is (host-side metadata): layers given the same one share it.
+        key = (a.data_ptr(), a.dtype, tuple(a.shape), a.stride(), a.storage_offset())
+        record = self._seen[module] = [key, a]
         output.register_hook(record.append)
 
     def _release(self) -> None:
@@ -210,20 +237,35 @@ class BookKeepingClipper:
         finally:
             self._release()
         # A layer whose output the loss does not reach has no output gradient.
-        seen = {layer: r for layer, r in self._seen.items() if len(r) == 2}
+        seen = {layer: r for layer, r in self._seen.items() if len(r) == 3}
         self._seen = {}
-        layers = [_LAYERS[type(layer)](layer, a, g, self._trains)
-                  for layer, (a, g) in seen.items()]
-        squared = torch.zeros(len(losses), device=losses.device)  # float32: MPS has no float64
-        for norms, _ in layers:
-            squared += norms.to(squared.dtype)
-        self.per_sample_norms = squared.sqrt().to(losses.dtype)
-        coef = (self.max_grad_norm / (self.per_sample_norms + _EPS)).clamp(max=1.0)
+        layers = self._layers(seen)
+        squared = (torch.stack([norms.float() for norms, _ in layers]).sum(0) if layers
+                   else torch.zeros(len(losses), device=losses.device))  # float32: MPS
+        keep = torch.isfinite(squared)  # a non-finite gradient weighs nothing
+        norms = squared.sqrt()
+        self.per_sample_norms = norms.to(losses.dtype)
+        coef = torch.where(keep, (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0), 0.0)
         clipped: dict[nn.Parameter, torch.Tensor] = {}
         for _, clip in layers:
-            clipped.update(clip(coef))
+            clipped.update(clip(coef, keep))
         for p in self.params:  # zero for a layer the loss does not reach
             p.grad = clipped[p].to(p.dtype) if p in clipped else torch.zeros_like(p)
+
+    def _layers(self, seen: dict[nn.Module, list]) -> list[tuple[torch.Tensor, Clip]]:
+        """Norms and clipped sums of the layers ``seen``; linears that share an input as one."""
+        shared: dict[tuple, list[tuple[nn.Linear, torch.Tensor, torch.Tensor]]] = {}
+        layers = []
+        for layer, (key, a, g) in seen.items():
+            if isinstance(layer, nn.Linear):
+                pattern = (self._trains(layer.weight), self._trains(layer.bias))
+                shared.setdefault((*key, *pattern), []).append((layer, a, g))
+            else:
+                layers.append(_LAYERS[type(layer)](layer, a, g, self._trains))
+        for group in shared.values():
+            linears, inputs, grads = zip(*group, strict=True)
+            layers.append(_linears(list(linears), inputs[0], list(grads), self._trains))
+        return layers
 
     def close(self) -> None:
         """Remove the hooks; the model is a plain module again."""

@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from fedsilo.client.bookkeeping import BookKeepingClipper, BookKeepingLoss
+from fedsilo.client.finite import finite_clipping, nonfinite_examples
 from fedsilo.client.privacy import DPPlan
-from fedsilo.common.bounds import BETA1, BETA2, WEIGHT_DECAY
-from fedsilo.common.config import FedsiloConfig, TrainConfig
+from fedsilo.common.bounds import BETA1, BETA2, WEIGHT_DECAY, encoder_learning_rate
+from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.features import logits
+from fedsilo.common.model import head_names
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,23 @@ class TrainResult:
 Correction = Mapping[nn.Parameter, torch.Tensor]
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(BETA1, BETA2),
-                             weight_decay=WEIGHT_DECAY)
+def _optimizer(model: nn.Module, cfg: FedsiloConfig) -> torch.optim.Optimizer:
+    """The local optimiser, new each round (its state is never kept or sent).
+
+    AdamW trains the head at ``--learning-rate`` and the encoder-side tensors at
+    ``--encoder-learning-rate`` (the ``--trainable`` recipe's when 0); plain SGD
+    trains every tensor at ``--learning-rate``.
+    """
+    train = cfg.train
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD([p for _, p in named], lr=train.learning_rate)
+    head = head_names(model)
+    encoder = encoder_learning_rate(cfg.model.trainable, train.encoder_learning_rate)
+    groups = [{"params": [p for n, p in named if n in head], "lr": train.learning_rate},
+              {"params": [p for n, p in named if n not in head], "lr": encoder}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.learning_rate,
+                             betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY)
 
 
 def _correct_steps(optimizer: torch.optim.Optimizer, correction: Correction | None,
@@ -67,6 +80,21 @@ def _correct_steps(optimizer: torch.optim.Optimizer, correction: Correction | No
     return optimizer.register_step_post_hook(step_post_hook)
 
 
+def _backward(model: nn.Module, criterion: Callable[..., Any], inputs: list[torch.Tensor],
+              y: torch.Tensor) -> Any:
+    """One forward and backward pass of a batch; returns the criterion's loss."""
+    weight = 1.0
+    if not len(y):
+        # An empty Poisson batch is still a step (Opacus accounts for it): a
+        # zero-weighted placeholder gives every mode a zero gradient sum, so the
+        # step is pure noise (BERT cannot run a batch of 0).
+        inputs, y, weight = [x.new_zeros((1, *x.shape[1:])) for x in inputs], \
+            y.new_zeros(1), 0.0
+    loss = criterion(logits(model, *inputs), y)
+    (loss * weight).backward()
+    return loss
+
+
 def _run_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -74,25 +102,31 @@ def _run_epochs(
     criterion: Callable[..., Any],
     epochs: int,
     device: torch.device,
+    keep: Callable[[Any], torch.Tensor | None] | None = None,
 ) -> TrainResult:
-    total, count, steps = 0.0, 0, 0
+    """Train ``epochs`` passes over ``loader``; the loss is read back once, at the end.
+
+    ``keep`` (ghost clipping) returns, after a batch's backward pass, the mask of
+    examples whose gradient is finite when some is not; the batch is then recomputed
+    without the others (their clipped gradient counts as zero).
+    """
+    total, count, steps = torch.zeros((), device=device), 0, 0
     for _ in range(epochs):
         for *inputs, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            size, weight = len(y), 1.0
-            if not size:
-                # An empty Poisson batch is still a step (Opacus accounts for it): a
-                # zero-weighted placeholder gives every mode a zero gradient sum, so the
-                # step is pure noise (BERT cannot run a batch of 0).
-                inputs, y, weight = [x.new_zeros((1, *x.shape[1:])) for x in inputs], \
-                    y.new_zeros(1), 0.0
-            loss = criterion(logits(model, *(x.to(device) for x in inputs)), y.to(device))
-            (loss * weight).backward()
+            inputs = [x.to(device, non_blocking=True) for x in inputs]
+            y = y.to(device, non_blocking=True)
+            loss = _backward(model, criterion, inputs, y)
+            while keep is not None and len(y) and (kept := keep(loss)) is not None:
+                optimizer.zero_grad(set_to_none=True)
+                inputs, y = [x[kept] for x in inputs], y[kept]
+                loss = _backward(model, criterion, inputs, y)
             optimizer.step()
-            total += float(loss.detach()) * size
-            count += size
+            if len(y):
+                total += loss.detach() * len(y)
+            count += len(y)
             steps += 1
-    return TrainResult(loss=total / max(count, 1), steps=steps)
+    return TrainResult(loss=float(total) / max(count, 1), steps=steps)
 
 
 @dataclass(frozen=True)
@@ -104,6 +138,8 @@ class PrivateTraining:
     criterion: Callable[..., Any]
     loader: DataLoader
     close: Callable[[], None]
+    #: Ghost clipping: the examples to keep after a backward pass (see :func:`_run_epochs`).
+    keep: Callable[[Any], torch.Tensor | None] | None = None
 
 
 def make_private(
@@ -121,7 +157,8 @@ def make_private(
 
     ``bk`` sets up Opacus's ghost-clipping optimizer, Poisson loader and accountant
     hook, then replaces ghost clipping's two backward passes with
-    :class:`~fedsilo.client.bookkeeping.BookKeepingClipper`'s one.
+    :class:`~fedsilo.client.bookkeeping.BookKeepingClipper`'s one. In every mode an
+    example whose gradient is not finite contributes zero (:mod:`fedsilo.client.finite`).
     """
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -139,9 +176,11 @@ def make_private(
                                dp_loader, clipper.close)
     if mode == "ghost":
         dp_model, dp_optimizer, dp_criterion, dp_loader = wrapped
-    else:
-        (dp_model, dp_optimizer, dp_loader), dp_criterion = wrapped, criterion
-    return PrivateTraining(dp_model, dp_optimizer, dp_criterion, dp_loader, dp_model._close)
+        return PrivateTraining(dp_model, dp_optimizer, dp_criterion, dp_loader, dp_model._close,
+                               lambda loss: nonfinite_examples(dp_model, loss.loss_per_sample))
+    (dp_model, dp_optimizer, dp_loader), dp_criterion = wrapped, criterion
+    return PrivateTraining(dp_model, finite_clipping(dp_optimizer), dp_criterion, dp_loader,
+                           dp_model._close)
 
 
 def train_private(
@@ -166,7 +205,7 @@ def train_private(
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant = accountant
     private = make_private(
-        engine, model, _optimizer(model, cfg.train),
+        engine, model, _optimizer(model, cfg),
         DataLoader(dataset, batch_size=cfg.train.batch_size),
         mode=cfg.privacy.grad_sample_mode, noise_multiplier=dp_plan.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm)
@@ -180,10 +219,11 @@ def train_private(
                                     max_physical_batch_size=cfg.train.physical_batch_size
                                     ) as physical:
                 result = _run_epochs(private.model, physical, private.optimizer,
-                                     private.criterion, cfg.train.local_epochs, device)
+                                     private.criterion, cfg.train.local_epochs, device,
+                                     private.keep)
         else:
             result = _run_epochs(private.model, private.loader, private.optimizer,
-                                 private.criterion, cfg.train.local_epochs, device)
+                                 private.criterion, cfg.train.local_epochs, device, private.keep)
     finally:
         private.close()  # remove the hooks so `model` is a plain module again
         if corrected is not None:
@@ -206,7 +246,7 @@ def train_plain(
     """
     model.to(device).train()
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True)
-    optimizer = _optimizer(model, cfg.train)
+    optimizer = _optimizer(model, cfg)
     corrected = _correct_steps(optimizer, correction, cfg.train.learning_rate)
     try:  # a plain module: nothing to undo if the correction is refused above
         return _run_epochs(model, loader, optimizer, nn.CrossEntropyLoss(),

@@ -11,6 +11,11 @@ steps; the bound allows ``SLACK`` times that. DP clipping bounds the gradients, 
 hence the direction of each step, but under Adam it is the optimiser that bounds the
 step size. Plain SGD's step is the gradient itself: only DP-SGD bounds it
 (:func:`max_sgd_change`); SGD without record-level DP has no coordinate bound.
+
+Under AdamW the head trains at ``--learning-rate`` and the encoder-side tensors (LoRA
+adapters, encoder layers) at ``--encoder-learning-rate``, whose default is the
+recipe of their ``--trainable`` set (:data:`ENCODER_LEARNING_RATES`,
+docs/fine-tuning.md); the coordinator bounds an update by the larger of the two.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import math
 
 #: AdamW settings every institution trains with (betas, weight decay).
 BETA1, BETA2, WEIGHT_DECAY = 0.9, 0.999, 0.01
+#: AdamW learning rate of the encoder-side tensors per ``--trainable`` set when
+#: ``--encoder-learning-rate`` is 0 (docs/fine-tuning.md has the measurements).
+ENCODER_LEARNING_RATES = {"lora": 1e-3, "top-k": 1e-3, "all": 1e-4}
 #: Safety factor over a bound (float rounding, Poisson step counts).
 SLACK = 2.0
 #: Gaussian noise beyond this many standard deviations counts as impossible (below
@@ -34,6 +42,20 @@ def default_delta(num_examples: int) -> float:
 def planned_steps(num_examples: int, batch_size: int, local_epochs: int) -> int:
     """Most optimiser steps one round can take (Poisson: about ``n / batch`` per epoch)."""
     return local_epochs * max(math.ceil(num_examples / batch_size), 1)
+
+
+def encoder_learning_rate(trainable: str, configured: float) -> float:
+    """The encoder-side learning rate in force: ``configured``, or the recipe's when 0."""
+    return configured or ENCODER_LEARNING_RATES.get(trainable, 0.0)
+
+
+def largest_learning_rate(head: float, encoder: float) -> float:
+    """Largest AdamW learning rate any tensor of any ``--trainable`` set trains at.
+
+    ``encoder`` 0 (the recipes) counts as the largest recipe rate, so the bound does
+    not depend on which set the coordinator believes is training.
+    """
+    return max(head, encoder or max(ENCODER_LEARNING_RATES.values()))
 
 
 def max_coordinate_change(learning_rate: float, steps: int, largest_weight: float) -> float:

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedsilo.common.deidentify import ALL_KINDS, Kind, parse_kinds
+from fedsilo.common.deidentify import ALL_KINDS, KindList
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -117,14 +117,8 @@ class PrivacyConfig(_Section):
         False, description="each institution also saves every update it releases "
         "(.npz beside its ledger) for its own audit"
     )
-    deidentify_floor: tuple[Kind, ...] = Field((), description="identifier kinds every "
-        f"institution must scrub ({', '.join(ALL_KINDS)}; JSON list, comma-separated or 'all'); "
-        "one that scrubs less declines the run; a simulation's institutions scrub exactly these")
-
-    @field_validator("deidentify_floor", mode="before")
-    @classmethod
-    def _kinds_from_text(cls, value: object) -> object:
-        return parse_kinds(value, "kinds") if isinstance(value, str) else value
+    deidentify_floor: KindList = Field((), description="identifier kinds every institution "
+        f"must scrub ({', '.join(ALL_KINDS)}, or 'all'); one that scrubs less declines the run")
 
 
 class TrainConfig(_Section):
@@ -139,7 +133,12 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="local optimiser: adamw, or sgd (plain, no momentum or weight "
         "decay; what --strategy scaffold corrects)")
-    learning_rate: float = Field(1e-2, gt=0, description="local learning rate")
+    learning_rate: float = Field(1e-2, gt=0, description="local learning rate (with "
+                                 "--optimizer adamw: of the classification head)")
+    encoder_learning_rate: float = Field(
+        0.0, ge=0, description="AdamW learning rate of the encoder-side tensors that train "
+        "(LoRA adapters, encoder layers); 0 = the --trainable recipe's (lora 1e-3, top-k 1e-3, "
+        "all 1e-4; docs/fine-tuning.md)")
     seed: int = Field(42, description="seed for splits, initialisation and sampling")
 
 

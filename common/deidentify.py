@@ -33,10 +33,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import regex
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from fedsilo.common.atomic import write_json_atomic
 from fedsilo.common.data import TextRecords
@@ -193,6 +200,11 @@ def parse_kinds(value: object, origin: str) -> tuple[str, ...]:
         raise DeidentifyError(f"{origin}: unknown kind(s) {unknown}; known kinds: "
                               f"{', '.join(ALL_KINDS)}")
     return tuple(dict.fromkeys(value))
+
+
+#: Kinds, also read from a JSON list, a comma-separated text or ``all`` (run config, flags).
+KindList = Annotated[tuple[Kind, ...], BeforeValidator(
+    lambda value: parse_kinds(value, "kinds") if isinstance(value, str) else value)]
 
 
 @dataclass

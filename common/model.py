@@ -217,6 +217,14 @@ def _head_prefixes(model: PreTrainedModel) -> list[str]:
     return prefixes
 
 
+def head_names(model: nn.Module) -> set[str]:
+    """Names of the classification head's parameters (every one of a features head's)."""
+    if not isinstance(model, PreTrainedModel):
+        return {n for n, _ in model.named_parameters()}
+    prefixes = tuple(_head_prefixes(model))
+    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
 def set_trainable(model: PreTrainedModel, trainable: str, top_k: int) -> list[str]:
     """Freeze every parameter outside the selection and return the trainable names."""
     lora = trainable == "lora"

@@ -19,7 +19,12 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedsilo.common import journal
-from fedsilo.common.bounds import max_coordinate_change, max_sgd_change, planned_steps
+from fedsilo.common.bounds import (
+    largest_learning_rate,
+    max_coordinate_change,
+    max_sgd_change,
+    planned_steps,
+)
 from fedsilo.common.config import PrivacyConfig, TrainConfig
 from fedsilo.common.wire import named_arrays
 from fedsilo.server.report import RunReport, institution_name
@@ -196,7 +201,8 @@ class ReportingMixin:
         metrics, train = reply.content["metrics"], self.train
         examples = int(metrics["num-examples"])
         steps = planned_steps(examples, train.batch_size, train.local_epochs)
-        bound: float | None = max_coordinate_change(train.learning_rate, steps, largest)
+        bound: float | None = max_coordinate_change(
+            largest_learning_rate(train.learning_rate, train.encoder_learning_rate), steps, largest)
         if train.optimizer == "sgd":
             bound = None  # plain SGD without DP-SGD: no bound on a step
             if self.privacy.dp and self.privacy.dp_level == "record":
