@@ -35,9 +35,10 @@ from typing import Any
 from fedsilo.client import worker
 from fedsilo.client.agreements import approve, summary
 from fedsilo.client.dashboard import render, show_ledger
+from fedsilo.client.deid_report import deid_preview, deid_settings, deidentify_check
 from fedsilo.client.keys import TrustError, check_ca, check_private_key, keygen
 from fedsilo.client.ledger import LedgerError
-from fedsilo.client.policy import DATA_KEYS, LEDGER_KEY, NAME_KEY, POLICY_KEYS
+from fedsilo.client.policy import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.agreement import AgreementError
 from fedsilo.common.certs import key_fingerprint
 from fedsilo.common.config import (
@@ -49,6 +50,7 @@ from fedsilo.common.config import (
     parse_labels,
 )
 from fedsilo.common.data import DataError, LabelMap, load_records
+from fedsilo.common.deidentify import DeidSettings
 from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
@@ -118,16 +120,18 @@ def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str
             settings = tomllib.loads(path.read_text("utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
             raise ClientSetupError(f"{path}: cannot read the client config ({err})") from None
-        unknown = sorted(set(settings) - set(ALL_KEYS))
+        unknown = sorted(set(settings) - set(ALL_KEYS) - {DEID_KEY})
         if unknown:
             raise ClientSetupError(f"{path}: unknown key(s) {unknown}; known keys: "
                                    f"{', '.join(ALL_KEYS)}")
         _check_types(settings, str(path))
         settings.setdefault(LEDGER_KEY, "ledger")  # beside client.toml unless set
+        settings[DEID_KEY] = deid_settings(settings.get(DEID_KEY, {}), path)
         for key in PATH_KEYS:
             if key in settings and not Path(settings[key]).is_absolute():
                 settings[key] = str((path.parent / settings[key]).resolve())
     settings |= {k: v for k, v in overrides.items() if v is not None}
+    settings.setdefault(DEID_KEY, DeidSettings())  # on, every pattern kind, unless set
     for key in (NAME_KEY, "superlink", "data", LEDGER_KEY):
         if not settings.get(key):
             raise ClientSetupError(f"missing '{key}': set it in client.toml or with --{key}")
@@ -200,6 +204,7 @@ def supernode_command(settings: dict[str, Any], runtime_port: int,
     """The ``flower-supernode`` command line for these settings."""
     keys = (NAME_KEY, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY)
     node = {k: settings[k] for k in keys if k in settings}
+    node[DEID_KEY] = settings.get(DEID_KEY, DeidSettings()).to_node()
     if worker_socket is not None:
         node[worker.SOCKET_KEY] = str(worker_socket)
     cmd = [str(BIN / "flower-supernode"), "--superlink", str(settings["superlink"]),
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`flower-client approve --help` (approve the coordinator's agreement)")
     parser.add_argument("--config", type=Path, help="the kit's client.toml")
     parser.add_argument("--check", action="store_true", help="only run the local checks")
+    parser.add_argument("--deid-preview", type=int, metavar="N",
+                        help="print N de-identified texts of the data (changed ones first) "
+                        "on this terminal, and exit")
     parser.add_argument("--ledger", action="store_true",
                         help="print the privacy spent per dataset (ε spent / budget) and exit")
     parser.add_argument("--admission-wait", type=float, default=120.0, metavar="SECONDS",
@@ -320,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             show_ledger(Path(settings[LEDGER_KEY]), settings.get("target-epsilon",
                                                                  "(the run's)"))
             return 0
+        if args.deid_preview is not None:
+            deid_preview(settings, args.deid_preview)
+            return 0
         preflight(settings)
     except (ClientSetupError, DataError, ModelError, ConfigError, LedgerError,
             ValueError) as err:
@@ -334,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClientSetupError as err:
         log.error("%s", err)
         return 2
+    deidentify_check(settings)  # last: it journals, and bad input must leave no trace
     log.info("%s: local checks passed", settings[NAME_KEY])
     if args.check:
         return 0

@@ -10,7 +10,9 @@ coordinator sends can loosen the institution's policy:
   δ defaults to ``min(1e-5, 0.1/n)``);
 - the clipping norm is the institution's when it sets one;
 - record-level DP stays on unless the institution itself allows it off
-  (``allow-no-dp``, which also admits client-level-DP runs).
+  (``allow-no-dp``, which also admits client-level-DP runs);
+- de-identification is the institution's (``deidentify``; all pattern kinds by
+  default): the run's ``deidentify-floor`` can only make it decline, never scrub less.
 
 The noise multiplier is always calibrated locally from the effective (ε, δ), so the
 coordinator cannot lower it either.
@@ -19,18 +21,21 @@ coordinator cannot lower it either.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedsilo.client.privacy import DeclinedError
 from fedsilo.client.worker import SOCKET_KEY
 from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import ConfigError, FedsiloConfig
+from fedsilo.common.deidentify import DeidSettings
 
 #: Node-config keys that name the institution's data; they replace the run's values.
 DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-examples", "device")
 #: Node-config keys of the institution's privacy policy.
 POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp")
 NAME_KEY = "institution"
+#: Node-config key of the institution's de-identification settings (:meth:`DeidSettings.to_node`).
+DEID_KEY = "deidentify"
 #: Node-config key of the folder holding the institution's privacy ledger.
 LEDGER_KEY = "ledger-dir"
 
@@ -49,6 +54,7 @@ class Policy:
 
     max_delta: float = 0.0
     ledger_dir: str = ""
+    deidentify: DeidSettings = field(default_factory=DeidSettings)
 
     def delta(self, requested: float, num_examples: int) -> float:
         """Effective δ: the run's (or automatic) δ, never above the institution's."""
@@ -69,7 +75,7 @@ def institution_config(
         If a node-config value is invalid.
     """
     unknown = (set(node) - set(DATA_KEYS) - set(POLICY_KEYS)
-               - {NAME_KEY, LEDGER_KEY, SOCKET_KEY})  # the last is set by flower-client
+               - {NAME_KEY, LEDGER_KEY, SOCKET_KEY, DEID_KEY})  # the last is set by flower-client
     if unknown:
         raise ConfigError(f"node config: unknown setting(s) {sorted(unknown)}")
     if NAME_KEY not in node or "data" not in node:
@@ -96,6 +102,24 @@ def institution_config(
         changes["max-grad-norm"] = float(node["max-grad-norm"])
     # A deployment's institution holds only its own data: no simulation holdout.
     changes["holdout-fraction"] = 0.0
+    deid = DeidSettings.from_node(str(node[DEID_KEY])) if DEID_KEY in node else DeidSettings()
+    check_deidentify_floor(run, deid)
     policy = Policy(max_delta=float(node.get("target-delta", 0.0) or 0.0),
-                    ledger_dir=str(node.get(LEDGER_KEY, "")))
+                    ledger_dir=str(node.get(LEDGER_KEY, "")), deidentify=deid)
     return run.replace(**changes), policy
+
+
+def check_deidentify_floor(run: FedsiloConfig, deid: DeidSettings) -> None:
+    """Decline a run whose ``deidentify-floor`` asks for kinds this institution does not scrub.
+
+    Raises
+    ------
+    PolicyError
+        Naming the missing kinds (terms of the run, not anything about the data).
+    """
+    missing = deid.missing(run.privacy.deidentify_floor)
+    if missing:
+        raise PolicyError(
+            f"declined: the run's deidentify-floor requires scrubbing {', '.join(missing)}, "
+            "which this institution's de-identification settings do not include (add them to "
+            "kinds in the [deidentify] table of client.toml to join)")

@@ -45,7 +45,13 @@ from fedsilo.client.train import Correction, TrainResult, train_plain, train_pri
 from fedsilo.client.worker import Origin
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.datasets import InstitutionData, local_institution, simulated_institution
+from fedsilo.common.datasets import (
+    InstitutionData,
+    deidentified,
+    local_institution,
+    simulated_institution,
+)
+from fedsilo.common.deidentify import DeidSettings, scrubber_for
 from fedsilo.common.integrity import app_sha256
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import (
@@ -82,22 +88,28 @@ def _stamp(data: str) -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=8)
 def _prepared(
     cfg: FedsiloConfig, partition: tuple[int, int] | None, name: str, cache: Path,
-    stamp: tuple[int, int] | None,
-) -> tuple[InstitutionData, TensorDataset, TensorDataset, str]:
-    """Load, tokenise (through the on-disk cache) and fingerprint the data once per process.
+    stamp: tuple[int, int] | None, deid: DeidSettings,
+) -> tuple[InstitutionData, TensorDataset, TensorDataset, str, dict[str, object]]:
+    """Load, fingerprint, de-identify and tokenise (through the on-disk caches) once per process.
 
     ``stamp`` (:func:`_stamp`) is part of the key: a long-lived process (the warm
-    worker) reloads a data file that changed between messages.
+    worker) reloads a data file that changed between messages. The fingerprint (the
+    ledger's key) is taken on the raw records, so scrubbing never changes the budget;
+    everything after it (tokens, features, evaluation) sees only scrubbed text.
     """
     if partition is not None:
         data = simulated_institution(cfg.data, cfg.train.seed, *partition)
     else:
         data = local_institution(cfg.data, name, cfg.train.seed)
+    fingerprint = dataset_fingerprint(data.train.texts, data.train.labels)
+    data, report = deidentified(data, scrubber_for(deid), cache)
     labels = federation_labels(cfg)
     tokenizer = load_tokenizer(cfg.model)
     train_set = encode_cached(cache, tokenizer, data.train, labels, cfg.model.max_length)
     test_set = encode_cached(cache, tokenizer, data.test, labels, cfg.model.max_length)
-    return data, train_set, test_set, dataset_fingerprint(data.train.texts, data.train.labels)
+    summary = {"kinds": list(deid.kinds), "patterns": [p.name for p in deid.patterns],
+               "files": report.as_dict()}
+    return data, train_set, test_set, fingerprint, summary
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,7 @@ class _Task:
     received: dict[str, np.ndarray]
     timings: dict[str, float]
     run: int  # the run's key: its first Flower run id, the same after a --resume
+    deidentify: dict[str, object]  # what was scrubbed: kinds and counts per file, no values
 
 
 def _setup(request: Request, context: Context, origin: Origin) -> _Task:
@@ -125,7 +138,9 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     node = context.node_config
     if "partition-id" in node:  # a virtual institution of a simulation
         partition = (int(node["partition-id"]), int(node["num-partitions"]))
-        name, policy = "", Policy()
+        # A virtual institution scrubs what the run's floor asks (--deidentify: every kind).
+        name = ""
+        policy = Policy(deidentify=DeidSettings(kinds=cfg.privacy.deidentify_floor))
     else:  # a real institution: its node config holds its data and privacy policy
         if not node.get(LEDGER_KEY):  # approved agreements live beside the ledger
             raise PolicyError("this SuperNode's node config names no ledger-dir; start it "
@@ -137,8 +152,8 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     # The institution's own folder (beside its ledger), or the simulation's output.
     cache = Path(policy.ledger_dir or cfg.federation.output_dir) / "token-cache"
     started = time.perf_counter()
-    data, train_set, test_set, fingerprint = _prepared(cfg, partition, name, cache,
-                                                       _stamp(cfg.data.data))
+    data, train_set, test_set, fingerprint, deidentify = _prepared(
+        cfg, partition, name, cache, _stamp(cfg.data.data), policy.deidentify)
     prepared = time.perf_counter()
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     received = name_arrays(request, trainable_names(model))
@@ -149,7 +164,8 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     timings = {"seconds-data": prepared - started, "seconds-model": loaded - prepared,
                "seconds-features": time.perf_counter() - loaded}
     return _Task(cfg, policy, data, fingerprint, train_in, test_in, model, net, device,
-                 received, timings, int(request.config.get(RUN_KEY, context.run_id)))
+                 received, timings, int(request.config.get(RUN_KEY, context.run_id)),
+                 deidentify)
 
 
 def _ledger_dir(task: _Task) -> Path:
@@ -354,4 +370,4 @@ def _journal(task: _Task, context: Context, request: Request, event: str,
                    institution=task.data.name, run=task.run,
                    round=request.config.get("server-round"), dataset=task.fingerprint[:16],
                    received=journal.digest(task.received), secure_aggregation=request.legacy,
-                   **fields)
+                   deidentified=task.deidentify, **fields)

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedsilo.common.deidentify import ALL_KINDS, KindList
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 Scalar = bool | int | float | str
@@ -115,6 +117,8 @@ class PrivacyConfig(_Section):
         False, description="each institution also saves every update it releases "
         "(.npz beside its ledger) for its own audit"
     )
+    deidentify_floor: KindList = Field((), description="identifier kinds every institution "
+        f"must scrub ({', '.join(ALL_KINDS)}, or 'all'); one that scrubs less declines the run")
 
 
 class TrainConfig(_Section):
@@ -353,7 +357,7 @@ def parse_labels(value: str, origin: str = "labels") -> tuple[str, ...]:
 def _explain(err: ValidationError, origin: str) -> str:
     lines = []
     for item in err.errors():
-        loc = [str(p) for p in item["loc"]]
+        loc = [str(p) for p in item["loc"] if not isinstance(p, int)]  # not a list index
         key = _key(loc[-1]) if len(loc) > 1 else ""
         where = f"'{key}' (--{key})" if key else "settings"
         lines.append(f"{origin}: invalid {where}: {item['msg']}")

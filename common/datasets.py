@@ -7,13 +7,16 @@ institution and serves the coordinator's centralized evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fedsilo.common.config import DataConfig
 from fedsilo.common.data import DataError, TextRecords, load_records, train_test_split
+from fedsilo.common.deidentify import Report, Scrubber
 from fedsilo.common.partition import partition_by_column, partition_dirichlet, partition_iid
 
 
@@ -99,3 +102,16 @@ def _split_local(records: TextRecords, name: str, cfg: DataConfig, seed: int) ->
         rng = np.random.default_rng(seed)
         train_idx = np.sort(rng.choice(train_idx, cfg.max_examples, replace=False))
     return InstitutionData(name, take(records, train_idx), take(records, test_idx))
+
+
+def deidentified(data: InstitutionData, scrubber: Scrubber,
+                 folder: Path | None) -> tuple[InstitutionData, Report]:
+    """The institution's records with identifiers scrubbed, and what was replaced.
+
+    Call it after the raw records are fingerprinted for the privacy ledger and before
+    anything tokenises, caches or evaluates them; ``folder`` caches the scrubbed texts.
+    """
+    report = Report()
+    train = scrubber.scrub_records(data.train, folder, report)
+    test = scrubber.scrub_records(data.test, folder, report)
+    return dataclasses.replace(data, train=train, test=test), report

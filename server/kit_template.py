@@ -49,4 +49,16 @@ max-grad-norm = 1.0
 # Where this institution's privacy ledger and its approved agreements live. Back it up;
 # `flower-client --config client.toml --ledger` prints the budget spent.
 ledger-dir = "ledger"
+
+# ---- De-identification (on by default) -----------------------------------------------
+# Identifiers in every text become [EMAIL], [PHONE], [URL], [IP], [DATE], [CARD], [SSN],
+# [ID] before anything tokenises or caches it (docs/privacy.md, section 7). kinds = []
+# turns it off; a run whose deidentify-floor asks for kinds not listed is declined.
+[deidentify]
+kinds = ["email", "phone", "url", "ip", "date", "card", "ssn", "id"]
+# Your own identifiers, each replaced by [NAME]:
+# patterns = [{{ name = "badge", regex = 'BADGE-\\d{{5}}' }}]
+# Person names need a local spaCy NER model folder (nothing is downloaded); then add
+# "person" to kinds:
+# ner-model = "models/my-spacy-ner"
 '''

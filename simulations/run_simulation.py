@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU cores reserved per institution (Ray client resources)")
     sim.add_argument("--client-gpus", type=float, default=None,
                      help="GPU share per institution (default: 0.5 when CUDA is present)")
+    sim.add_argument("--deidentify", action="store_true",
+                     help="every institution scrubs identifiers (all pattern kinds) from its "
+                     "texts before training, as deployed institutions do by default; sets "
+                     "--deidentify-floor all unless given")
     sim.add_argument("--verbose", action="store_true",
                      help="echo Flower's and Ray's log lines too (always kept in run.log)")
     add_config_arguments(parser, ["model", "data", "privacy", "train", "federation"])
@@ -76,6 +80,8 @@ def resolve_config(args: argparse.Namespace) -> FedsiloConfig:
     flat = {**DEMO_DEFAULTS, "min-train": args.institutions,
             "min-available": args.institutions, "output-dir": "outputs/simulation"}
     given = typed_overrides(args)
+    if args.deidentify and "deidentify-floor" not in given:
+        flat["deidentify-floor"] = "all"
     flat |= given
     if "strategy" not in given and (flat.get("secure-aggregation")
                                     or (flat.get("dp", True) and flat.get("dp-level") == "client")):

@@ -58,7 +58,11 @@ def run_client(kit: Path, tiny_bert: Path) -> Callable[..., int]:
         argv = ["--config", str(kit / "client.toml"), "--check", "--model", str(tiny_bert),
                 "--labels", LABELS, "--superlink", f"127.0.0.1:{closed_port()}", *args]
         code = client_cli.main([*argv, "--insecure"] if insecure else argv)
-        assert snapshot(kit / "ledger") == before
+        after = snapshot(kit / "ledger")
+        if code == 0:  # a passing check journals its de-identification counts (and caches)
+            after = {k: v for k, v in after.items() if k in before
+                     or not (k == "journal.jsonl" or k.startswith("token-cache/"))}
+        assert after == before
         return code
     return run
 

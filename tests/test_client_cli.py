@@ -5,6 +5,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from fedsilo.client.cli import ClientSetupError, load_client_config, supernode_command
+from fedsilo.common.deidentify import DeidSettings
 
 
 def _toml(tmp_path: Path, body: str) -> Path:
@@ -38,6 +39,7 @@ def test_node_config_reaches_flower_intact():
                 "root-certificates": "/k/ca.pem", "auth-private-key": "/k/node.key"}
     cmd = supernode_command(settings, 9999)
     node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert DeidSettings.from_node(node.pop("deidentify")) == DeidSettings()  # on by default
     assert node == {"institution": "hospital-a", "data": "/d/my notes.csv",
                     "text-column": "note", "target-epsilon": 3.0, "allow-no-dp": True}
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == "/k/node.key"
