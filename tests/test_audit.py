@@ -226,7 +226,7 @@ def test_no_dp_control_detects_the_canaries(tiny_bert, tmp_path):
          "--real-examples", "600", "--canaries", "100", "--test-fraction", "0.05",
          "--eval-examples", "100", "--no-dp", "--trainable", "all",
          "--num-rounds", "2", "--local-epochs", "15", "--batch-size", "16",
-         "--learning-rate", "3e-3"],
+         "--learning-rate", "3e-3", "--encoder-learning-rate", "3e-3"],
         cwd=tmp_path, text=True, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "audit" / "audit.json").read_text())

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
+from fedsilo.common import atomic
 from fedsilo.common.config import FederationConfig
 from fedsilo.server import checkpoint
 from fedsilo.server.rounds import run_rounds
@@ -131,7 +132,7 @@ def test_checkpoint_round_trip_and_strategy_state(tmp_path: Path):
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch):
     checkpoint.save(tmp_path, _ckpt(1))
     before = (tmp_path / checkpoint.FILE).read_bytes()
-    monkeypatch.setattr(checkpoint.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("x")))
+    monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("x")))
     with pytest.raises(OSError):
         checkpoint.save(tmp_path, _ckpt(2))
     assert (tmp_path / checkpoint.FILE).read_bytes() == before

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedsilo.client import client_app, tasks, worker
 from fedsilo.common.config import FedsiloConfig
+from fedsilo.common.deidentify import DeidSettings
 from fedsilo.common.model import get_trainable_state, load_model
 from fedsilo.common.processes import child_env
 from fedsilo.common.task import federation_labels
@@ -91,10 +92,12 @@ def test_a_changed_data_file_is_reloaded_by_a_long_lived_process(tmp_path):
     data.write_text("text,label\n" + "".join(f"note {i},{'ab'[i % 2]}\n" for i in range(20)))
     cfg = FedsiloConfig.from_flat({"data": str(data), "labels": '["a", "b"]',
                                    "output-dir": str(tmp_path / "out")})
-    first = tasks._prepared(cfg, None, "a", tmp_path / "cache", tasks._stamp(str(data)))
+    first = tasks._prepared(cfg, None, "a", tmp_path / "cache", tasks._stamp(str(data)),
+                            DeidSettings())
     data.write_text("text,label\n" + "".join(f"memo {i},{'ab'[i % 2]}\n" for i in range(20)))
     os.utime(data, ns=(1, 1))  # a different stamp even within the clock's resolution
-    second = tasks._prepared(cfg, None, "a", tmp_path / "cache", tasks._stamp(str(data)))
+    second = tasks._prepared(cfg, None, "a", tmp_path / "cache", tasks._stamp(str(data)),
+                            DeidSettings())
     assert first[3] != second[3]  # the dataset fingerprint follows the file
 
 
