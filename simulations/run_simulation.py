@@ -47,8 +47,8 @@ log = logging.getLogger("fedsilo.simulation")
 # epochs with server momentum: in the schedule sweep's replay at ε = 8 over seeds
 # 42/43/44, 20 × 3 was the only schedule whose gap to centralized training stayed under
 # 5 points at every seed (10 × 3, the previous default, did not; 10 × 6 and 30 × 3 were
-# no better), and FedAvgM (momentum 0.5) beat plain FedAvg end to end (README,
-# Benchmarks).
+# no better), and FedAvgM (momentum 0.5) beat plain FedAvg end to end (docs/benchmarks.md,
+# utility).
 DEMO_DEFAULTS = {"max-examples": 6000, "num-rounds": 20, "local-epochs": 3,
                  "strategy": "fedavgm"}
 
