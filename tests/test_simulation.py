@@ -37,12 +37,16 @@ def hospital_csv(tmp_path_factory) -> Path:
 def test_two_institution_dp_federation_end_to_end(tiny_st_bert, hospital_csv, tmp_path):
     out = tmp_path / "run"
     # A mean-pooling sentence-transformers folder, like the default MiniLM.
-    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_st_bert),
+    # no --institutions: the 2-valued institution column sets the count
+    done = _run("--num-rounds", "2", "--model", str(tiny_st_bert),
                 "--data", str(hospital_csv), "--text-column", "description",
                 "--label-column", "chapter", "--partition", "column",
                 "--learning-rate", "0.01", "--batch-size", "32", "--target-epsilon", "6",
                 "--holdout-fraction", "0.2", "--output-dir", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "--partition column: 2 institutions" in done.stderr + done.stdout
+    assert "--max-length auto: max length" in done.stderr + done.stdout
+    assert "of the texts are truncated" in done.stderr + done.stdout
     for r in (0, 1, 2):
         assert f"round {r}/2" in done.stdout  # one progress line per round
 
@@ -79,7 +83,8 @@ def test_two_institution_dp_federation_end_to_end(tiny_st_bert, hospital_csv, tm
 def test_scaffold_sends_each_institution_its_correction_from_round_two(
         tiny_st_bert, hospital_csv, tmp_path):
     out = tmp_path / "run"
-    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_st_bert),
+    # no --institutions: the 2-valued institution column sets the count
+    done = _run("--num-rounds", "2", "--model", str(tiny_st_bert),
                 "--data", str(hospital_csv), "--text-column", "description",
                 "--label-column", "chapter", "--partition", "column", "--strategy",
                 "scaffold", "--optimizer", "sgd", "--learning-rate", "1", "--batch-size", "32",
