@@ -32,7 +32,7 @@ from fedsilo.common.model import ModelError, check_checkpoint, load_tokenizer, r
 from fedsilo.common.partition import partition_by_column
 from fedsilo.common.processes import terminate_on_sigterm
 from fedsilo.common.task import federation_labels, freeze_labels
-from fedsilo.server.dashboard import render
+from fedsilo.server.dashboard import heartbeat, render
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             app_dir = write_thin_app(Path(tmp) / "app", cfg)
             sink = LogFilter(Path(cfg.federation.output_dir) / "run.log", args.verbose)
             try:
-                with live_view(lambda: render(Path(cfg.federation.output_dir))):
+                out = Path(cfg.federation.output_dir)
+                with live_view(lambda: render(out), heartbeat=lambda: heartbeat(out)):
                     run_to_completion(link, app_dir, sink,
                                       federation_config(institutions, args))
             finally:
