@@ -91,7 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError("no institution returned an update in any round; nothing to save "
                            "(see the failures in metrics.json)")
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in final.items()})
-    save_model(model, tokenizer, out / "model")
+    save_model(model, tokenizer, out / "model", cfg.model.max_length)
     report.complete()
     log.info("saved the global model to %s and metrics to %s", out / "model", report.path)
     try:
