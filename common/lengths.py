@@ -96,6 +96,12 @@ def choose_length(lengths: np.ndarray, limit: int, coverage: float = COVERAGE,
                         int(np.median(lengths)), needed, limit)
 
 
+def summary(lengths: np.ndarray, max_length: int) -> dict[str, float | int]:
+    """``share`` cut at ``max_length``, the ``max_length`` and the ``median`` length."""
+    return {"share": truncated_share(lengths, max_length), "max_length": max_length,
+            "median": int(np.median(lengths)) if len(lengths) else 0}
+
+
 def warn_if_truncated(share: float, length: int, where: str) -> bool:
     """Log a warning (and return True) when more than ``WARN_SHARE`` of texts are cut."""
     if share <= WARN_SHARE:

@@ -40,6 +40,7 @@ from fedsilo.server.launch import (
     run_to_completion,
     write_thin_app,
 )
+from fedsilo.server.tracking import TrackingError, check_mlflow
 
 log = logging.getLogger("fedsilo.simulation")
 
@@ -136,6 +137,7 @@ def preflight(cfg: FedsiloConfig, institutions: int, auto_length: bool) -> Fedsi
 
     Returns ``cfg`` with the measured ``max-length`` when ``auto_length``.
     """
+    check_mlflow(cfg.federation.mlflow)
     labels = federation_labels(cfg)
     tokenizer = load_tokenizer(cfg.model)
     resolve_device(cfg.model.device)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args, institutions)
         auto = typed_overrides(args).get("max-length", "auto") == "auto"
         cfg = preflight(cfg, institutions, auto)
-    except (ConfigError, DataError, ModelError, ValueError) as err:
+    except (ConfigError, DataError, ModelError, TrackingError, ValueError) as err:
         log.error("%s", err)
         return 2
     with tempfile.TemporaryDirectory(prefix="fedsilo-sim-") as tmp:

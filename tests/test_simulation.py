@@ -52,8 +52,11 @@ def test_two_institution_dp_federation_end_to_end(tiny_st_bert, hospital_csv, tm
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["config"]["dp"] is True
-    for artefact in ("rounds.csv", "accuracy_loss.png", "epsilon.png"):
+    for artefact in ("rounds.csv", "accuracy_loss.png", "epsilon.png", "report.html"):
         assert (out / artefact).stat().st_size > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # always written
+    page = (out / "report.html").read_text()
+    assert "hospital-a" in page and "confusion matrix" in page and "held-out texts" in page
     events = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
     assert [e["round"] for e in events if e["event"] == "sent"] == [1, 2]
     assert {e["institution"] for e in events if e["event"] == "received"} == {
