@@ -7,19 +7,53 @@ never leaves the institution.
 
 from __future__ import annotations
 
+import json
 import logging
+import tomllib
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedsilo.client.agreements import load_approvals
 from fedsilo.client.policy import LEDGER_KEY
 from fedsilo.common import lengths
 from fedsilo.common.agreement import expired
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig
-from fedsilo.common.data import load_records
-from fedsilo.common.model import load_tokenizer
+from fedsilo.common.data import DataError, load_records
+from fedsilo.common.model import ModelError, load_tokenizer
 
 log = logging.getLogger("fedsilo.client")
+
+
+def _measure(settings: dict[str, Any]) -> np.ndarray:
+    records = load_records(settings["data"], settings.get("text-column", "text"),
+                           settings.get("label-column", "label"))
+    tokenizer = load_tokenizer(ModelConfig(model=settings.get("model", DEFAULT_MODEL)))
+    return lengths.token_lengths(tokenizer, records.texts)
+
+
+def _show(measured: np.ndarray, agreed: int, what: str) -> float:
+    share = lengths.truncated_share(measured, agreed)
+    median = int(np.median(measured)) if len(measured) else 0
+    log.info("%s: max length %d tokens truncates %.1f%% of this institution's texts (median "
+             "%d tokens); this figure stays here", what, agreed, 100 * share, median)
+    lengths.warn_if_truncated(share, agreed, what)
+    return share
+
+
+def before_approval(config: Path, agreement: Path) -> float | None:
+    """Show the share of local texts ``agreement``'s max length cuts, before approving it."""
+    try:
+        settings = tomllib.loads(config.read_text("utf-8"))
+        data = Path(settings["data"])
+        settings["data"] = str(data if data.is_absolute() else config.parent / data)
+        agreed = int(json.loads(agreement.read_text("utf-8"))["terms"]["max-length"])
+        return _show(_measure(settings), agreed, f"agreement {agreement.name}")
+    except (OSError, ValueError, KeyError, TypeError, DataError, ModelError) as err:
+        log.warning("could not measure how much of the local texts the agreement's max "
+                    "length cuts (%s); `flower-client --check` shows it after approval", err)
+        return None
 
 
 def length_check(settings: dict[str, Any]) -> dict[str, float]:
@@ -31,17 +65,7 @@ def length_check(settings: dict[str, Any]) -> dict[str, float]:
         log.info("no agreement in force: the share of texts its max length cuts is shown "
                  "once one is approved")
         return {}
-    records = load_records(settings["data"], settings.get("text-column", "text"),
-                           settings.get("label-column", "label"))
-    tokenizer = load_tokenizer(ModelConfig(model=settings.get("model", DEFAULT_MODEL)))
-    measured = lengths.token_lengths(tokenizer, records.texts)
-    shares: dict[str, float] = {}
-    for approval in in_force:
-        agreed = int(approval.doc["terms"]["max-length"])
-        shares[approval.ident] = share = lengths.truncated_share(measured, agreed)
-        log.info("agreement %s (federation %r): max length %d tokens truncates %.1f%% of "
-                 "this institution's texts (median %d tokens); this figure stays here",
-                 approval.ident, approval.federation, agreed, 100 * share,
-                 int(lengths.np.median(measured)) if len(measured) else 0)
-        lengths.warn_if_truncated(share, agreed, f"agreement {approval.ident}")
-    return shares
+    measured = _measure(settings)
+    return {a.ident: _show(measured, int(a.doc["terms"]["max-length"]),
+                           f"agreement {a.ident} (federation {a.federation!r})")
+            for a in in_force}

@@ -121,3 +121,24 @@ def test_label_outside_the_federation_map_fails_before_any_process(hospital_csv,
     assert done.returncode == 2
     assert "diagnoses.csv" in done.stderr and "Injury" in done.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_long_texts_split_by_a_two_valued_column_need_no_institutions_flag(
+        tiny_st_bert, tmp_path):
+    from make_long_texts import make_rows, write_csv
+
+    data = write_csv(tmp_path / "mail.csv", make_rows(160, 300, 2, seed=5))
+    out = tmp_path / "run"
+    done = _run("--data", str(data), "--partition", "column", "--num-rounds", "1",
+                "--model", str(tiny_st_bert), "--batch-size", "16", "--holdout-fraction",
+                "0.2", "--output-dir", str(out), cwd=tmp_path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "--partition column: 2 institutions, one per value of column 'institution'" in log
+    assert "--max-length auto: max length 128 tokens" in log  # the tiny BERT's positions
+    assert "100.0% of the texts are truncated" in log and "are cut" in log  # and warned
+    classify = pipeline("text-classification", model=str(out / "model"), device="cpu",
+                        trust_remote_code=True)
+    assert classify(" ".join(["invoice overdue"] * 400))[0]["label"] in (
+        "billing", "clinical", "staffing")  # > 512 tokens, no truncation argument

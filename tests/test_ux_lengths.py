@@ -89,6 +89,12 @@ def test_flower_client_check_shows_the_share_the_agreed_length_cuts(tiny_bert, t
         '"staffing"]', "output-dir": str(tmp_path / "out")}))
     files = {"ca": pki.ca_cert, "cert": pki.server_cert, "key": pki.server_key}
     ident = write_agreement(cfg, "mail", files, tmp_path / "agreement.json")
+    from fedsilo.client.length_check import before_approval
+
+    (tmp_path / "client.toml").write_text(f'data = "mail.csv"\nmodel = "{tiny_bert}"\n')
+    with logs.at_level(logging.INFO, logger="fedsilo"):  # shown before the operator says yes
+        assert before_approval(tmp_path / "client.toml", tmp_path / "agreement.json") == 1.0
+    assert "agreement agreement.json: max length 24 tokens truncates 100.0%" in logs.text
     approve(tmp_path / "agreement.json", tmp_path / "ledger", pki.ca_cert, lambda _: True)
     with logs.at_level(logging.INFO, logger="fedsilo"):
         assert length_check(settings) == {ident: 1.0}  # every e-mail is longer than 24 tokens
