@@ -68,6 +68,9 @@ def main(grid: Grid, context: Context) -> None:
     if holdout is not None:
         truncation = lengths.summary(lengths.token_lengths(tokenizer, holdout.texts),
                                      cfg.model.max_length)
+        log.info("max length %d tokens: %.1f%% of the coordinator's held-out texts are cut",
+                 cfg.model.max_length, 100 * truncation["share"])
+        lengths.warn_if_truncated(truncation["share"], cfg.model.max_length, "held-out texts")
         tokens = encode(tokenizer, holdout, labels, cfg.model.max_length)
         report.doc["holdout_majority_rate"] = majority_rate(tokens.tensors[2].numpy())
         # The frozen encoder runs over the holdout once, not every round (head-only runs).
