@@ -168,3 +168,33 @@ def test_an_old_format_ledger_is_folded_in_and_waits_for_confirmation(tmp_path):
     again.require_trusted()
     assert again.history() == [(0.8, 0.05, 80)]  # folded once
     assert (tmp_path / ("9" * 32 + ".json")).exists()  # the old file is left in place
+
+
+def _site(tmp_path):
+    (tmp_path / "notes.csv").write_text("text,label\na,x\nb,y\nc,x\n", "utf-8")
+    toml = tmp_path / "client.toml"
+    toml.write_text('institution = "h"\nsuperlink = "127.0.0.1:9092"\ndata = "notes.csv"\n'
+                    "lifetime-epsilon = 6\n", "utf-8")
+    return toml
+
+
+def test_operator_sees_the_three_numbers_and_confirms_a_migrated_ledger(tmp_path, logs):
+    from fedsilo.client import cli
+    from fedsilo.client.ledger_cli import current_key
+
+    toml = _site(tmp_path)
+    old = {"schema": "fedsilo.ledger/1", "fingerprint": "9" * 64, "accountant": "rdp",
+           "entries": [{"run": 5, "round": 1, "steps": 40, "sample_rate": 0.05,
+                        "noise_multiplier": 1.0, "delta": 1e-5, "epsilon": 0.0, "at": ""}]}
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / "old.json").write_text(json.dumps(old), "utf-8")
+    key = current_key({"data": str(tmp_path / "notes.csv")})
+    with pytest.raises(LedgerRefused):  # the first use folds it in and waits
+        Ledger.open(tmp_path / "ledger", key, "rdp").require_trusted()
+    assert cli.main(["ledger", "show", "--config", str(toml)]) == 0
+    assert "lifetime 6 / left" in logs.text and "REFUSED: old-format" in logs.text
+    assert cli.main(["ledger", "confirm", "--config", str(toml)]) == 2  # no tty, no --yes
+    assert cli.main(["ledger", "confirm", "--config", str(toml), "--yes"]) == 0
+    ledger = Ledger.open(tmp_path / "ledger", key, "rdp", lifetime=6.0)
+    ledger.require_trusted()
+    assert ledger.history() == [(1.0, 0.05, 40)] and 0 < ledger.left(1e-5) < 6
