@@ -71,7 +71,7 @@ class Marker:
     @staticmethod
     def path(folder: Path, fingerprint: str) -> Path:
         """The marker file of a dataset in the state folder."""
-        return folder / f"{fingerprint[:32]}.marker.json"
+        return folder / f"{fingerprint[:32]}.marker"
 
     @classmethod
     def read(cls, folder: Path, fingerprint: str) -> Marker | None:

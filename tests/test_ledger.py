@@ -144,7 +144,7 @@ def test_an_edited_entry_breaks_the_chain(tmp_path):
 def test_a_missing_marker_refuses_but_a_crash_before_the_marker_is_fine(tmp_path):
     ledger = _ledger(tmp_path)
     ledger.record(1, 1, 10, 0.1, 1.0, 1e-5)
-    marker = next((tmp_path.parent / f"{tmp_path.name}.state").glob("*.marker.json"))
+    marker = next((tmp_path.parent / f"{tmp_path.name}.state").glob("*.marker"))
     saved = marker.read_bytes()
     ledger.record(1, 2, 10, 0.1, 1.0, 1e-5)
     marker.write_bytes(saved)  # as if the process died between the two writes

@@ -118,3 +118,25 @@ def test_no_recalibration_to_the_leftover(site, run_cfg, tmp_path):
                         target_epsilon=8.0, delta=1e-5, accountant="rdp")
     with pytest.raises(BudgetExceededError):
         budget.admit(ledger, plan, 2, "hospital-a")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_deleted_ledger_refuses_training_until_the_operator_confirms(
+        site, run_cfg, tmp_path, monkeypatch):
+    from fedsilo.client import cli
+
+    monkeypatch.setattr(tasks, "check_run", lambda *a: None)
+    node = {**site, "lifetime-epsilon": 100.0}
+    assert not _train(run_cfg, node, run=1).has_error()
+    ledger_dir = Path(str(site["ledger-dir"]))
+    [path] = ledger_dir.glob("dataset-*.json")
+    path.unlink()  # "spent 0.0" is what today's main would then report
+    reply = _train(run_cfg, node, run=2)
+    assert reply.has_error() and reply.error.code == DECLINED_CODE
+    assert "waiting for its operator" in reply.error.reason
+    assert not path.exists()  # nothing trained, nothing recorded
+    toml = tmp_path / "client.toml"
+    toml.write_text(f'institution = "hospital-a"\nsuperlink = "127.0.0.1:9092"\n'
+                    f'data = "{site["data"]}"\nledger-dir = "{ledger_dir}"\n', "utf-8")
+    assert cli.main(["ledger", "confirm", "--config", str(toml), "--yes"]) == 0
+    assert not _train(run_cfg, node, run=3).has_error()
