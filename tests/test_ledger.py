@@ -198,3 +198,11 @@ def test_operator_sees_the_three_numbers_and_confirms_a_migrated_ledger(tmp_path
     ledger = Ledger.open(tmp_path / "ledger", key, "rdp", lifetime=6.0)
     ledger.require_trusted()
     assert ledger.history() == [(1.0, 0.05, 40)] and 0 < ledger.left(1e-5) < 6
+
+
+def test_a_named_dataset_keeps_its_ledger_as_its_file_grows():
+    from fedsilo.client.ledger import dataset_key
+
+    assert dataset_key("notes", ["a"], ["x"]) == dataset_key("notes", ["a", "b"], ["x", "y"])
+    assert dataset_key("", ["a"], ["x"]) == dataset_fingerprint(["a"], ["x"])
+    assert dataset_key("notes", [], []) != dataset_key("other", [], [])
