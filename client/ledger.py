@@ -103,8 +103,10 @@ class Ledger:
 
     @classmethod
     def open(cls, folder: Path, fingerprint: str, accountant: str, *,
-             lifetime: float = math.inf, state_dir: str = "") -> Ledger:
+             lifetime: float = math.inf, state_dir: str = "", migrate: bool = True) -> Ledger:
         """Load the dataset's ledger from ``folder`` (empty if none), folding old ledgers in.
+
+        ``migrate=False`` only reads (what ``flower-client ledger show`` does).
 
         Raises
         ------
@@ -115,7 +117,7 @@ class Ledger:
                      lifetime=lifetime, state=guard.state_dir(folder, state_dir))
         with guard.locked(ledger._lock):
             raw = ledger._load()
-            new, note = guard.fold_old(folder, raw)
+            new, note = guard.fold_old(folder, raw) if migrate else ([], "")
             if new:
                 before = ledger._check(raw)
                 raw = ledger._extend(raw, new)

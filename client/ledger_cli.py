@@ -40,14 +40,18 @@ def current_key(settings: dict[str, Any]) -> str:
 
 
 def show(settings: dict[str, Any]) -> list[str]:
-    """Log (and return) one line per dataset: spent / lifetime / left and its state."""
+    """Log (and return) one line per dataset: spent / lifetime / left and its state.
+
+    It only reads: old-format ledgers not folded in yet are listed, not folded.
+    """
     folder = Path(settings[LEDGER_KEY])
-    lines = []
+    lines, folded = [], set()
     for path in sorted(folder.glob("dataset-*.json")) if folder.is_dir() else []:
         doc = json.loads(path.read_text("utf-8"))
         ledger = Ledger.open(folder, doc["fingerprint"], doc["accountant"],
                              lifetime=lifetime(settings),
-                             state_dir=str(settings.get("state-dir", "")))
+                             state_dir=str(settings.get("state-dir", "")), migrate=False)
+        folded |= {e.source for e in ledger.entries}
         delta = ledger.entries[-1].delta if ledger.entries else 1e-5
         runs = {e.run for e in ledger.entries}
         state = f"REFUSED: {ledger.problem}" if ledger.problem else "trusted"
@@ -55,9 +59,9 @@ def show(settings: dict[str, Any]) -> list[str]:
                      f"lifetime {ledger.lifetime:g} / left {ledger.left(delta):.4f} at "
                      f"δ={delta:.2e}; {len(ledger.entries)} release(s) in {len(runs)} run(s); "
                      f"{state}")
-    if not lines:
-        lines = [f"old-format ledger {name}: folded into the dataset's ledger on its first "
-                 "use (all its spend counts)" for name, _, _ in old_ledgers(folder)]
+    lines += [f"old-format ledger {name}: not folded in yet; it will be on the dataset's "
+              "first use or by `flower-client ledger confirm` (all its spend counts)"
+              for name, digest, _ in old_ledgers(folder) if f"{name} sha256:{digest}" not in folded]
     for line in lines or [f"ledger {folder}: no privacy spent yet (lifetime "
                           f"ε {lifetime(settings):g} per dataset)"]:
         log.info("%s", line)

@@ -206,3 +206,16 @@ def test_a_named_dataset_keeps_its_ledger_as_its_file_grows():
     assert dataset_key("notes", ["a"], ["x"]) == dataset_key("notes", ["a", "b"], ["x", "y"])
     assert dataset_key("", ["a"], ["x"]) == dataset_fingerprint(["a"], ["x"])
     assert dataset_key("notes", [], []) != dataset_key("other", [], [])
+
+
+def test_show_only_reads(tmp_path, logs):
+    from fedsilo.client import cli
+
+    toml = _site(tmp_path)
+    (tmp_path / "ledger").mkdir()
+    old = {"schema": "fedsilo.ledger/1", "fingerprint": "9" * 64, "accountant": "rdp",
+           "entries": []}
+    (tmp_path / "ledger" / "old.json").write_text(json.dumps(old), "utf-8")
+    assert cli.main(["ledger", "show", "--config", str(toml)]) == 0
+    assert "old.json: not folded in yet" in logs.text
+    assert sorted(p.name for p in (tmp_path / "ledger").iterdir()) == ["old.json"]
