@@ -140,3 +140,9 @@ def test_a_deleted_ledger_refuses_training_until_the_operator_confirms(
                     f'data = "{site["data"]}"\nledger-dir = "{ledger_dir}"\n', "utf-8")
     assert cli.main(["ledger", "confirm", "--config", str(toml), "--yes"]) == 0
     assert not _train(run_cfg, node, run=3).has_error()
+
+
+def test_a_run_without_declines_is_simply_completed(tmp_path):
+    report = RunReport(tmp_path, ["cardio", "resp"], {"target-epsilon": 8.0}, 1)
+    report.complete()
+    assert report.doc["outcome"] == "completed" and report.doc["status"] == "completed"
