@@ -219,3 +219,19 @@ def test_show_only_reads(tmp_path, logs):
     assert cli.main(["ledger", "show", "--config", str(toml)]) == 0
     assert "old.json: not folded in yet" in logs.text
     assert sorted(p.name for p in (tmp_path / "ledger").iterdir()) == ["old.json"]
+
+
+def test_two_processes_recording_at_once_lose_nothing(tmp_path):
+    code = (
+        "import sys, pathlib\n"
+        "from fedsilo.client.ledger import Ledger\n"
+        f"folder = pathlib.Path({str(tmp_path)!r})\n"
+        "run = int(sys.argv[1])\n"
+        "for r in range(1, 16):\n"
+        "    Ledger.open(folder, 'a' * 64, 'rdp').record(run, r, 10, 0.1, 1.0, 1e-5)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(run)]) for run in (1, 2)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    ledger = _ledger(tmp_path)
+    assert len(ledger.entries) == 30 and not ledger.problem
+    assert ledger.history() == [(1.0, 0.1, 300)]
