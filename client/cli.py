@@ -34,10 +34,11 @@ from typing import Any
 
 from fedsilo.client import worker
 from fedsilo.client.agreements import approve, summary
-from fedsilo.client.dashboard import render, show_ledger
+from fedsilo.client.dashboard import render
 from fedsilo.client.deid_report import deid_preview, deid_settings, deidentify_check
 from fedsilo.client.keys import TrustError, check_ca, check_private_key, keygen
 from fedsilo.client.ledger import LedgerError
+from fedsilo.client.ledger_cli import ledger_main, show
 from fedsilo.client.length_check import before_approval, length_check
 from fedsilo.client.policy import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.agreement import AgreementError
@@ -64,7 +65,7 @@ NOT_ADMITTED = "Failed to activate SuperNode"
 ADMISSION_RETRY = 10.0  # seconds between attempts to join while not admitted
 CONNECTION_KEYS = ("superlink", "root-certificates", "ca-sha256", "auth-private-key", "insecure")
 CHECK_KEYS = ("labels", "model", "runtime-port")
-PATH_KEYS = ("data", "root-certificates", "auth-private-key", LEDGER_KEY)
+PATH_KEYS = ("data", "root-certificates", "auth-private-key", LEDGER_KEY, "state-dir")
 ALL_KEYS = (NAME_KEY, *CONNECTION_KEYS, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY, *CHECK_KEYS)
 
 
@@ -74,13 +75,14 @@ class ClientSetupError(ValueError):
 
 #: Expected TOML type of each client.toml key (the schema's ranges are checked too).
 _TEXT_KEYS = (NAME_KEY, "superlink", "root-certificates", "ca-sha256", "auth-private-key", "data",
-              "text-column", "label-column", "device", LEDGER_KEY, "model", "labels")
+              "text-column", "label-column", "device", LEDGER_KEY, "model", "labels",
+              "dataset-id", "state-dir")
 _KINDS: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(_TEXT_KEYS, (str,)), "labels": (str, list),
     **dict.fromkeys(("insecure", "allow-no-dp"), (bool,)),
-    **dict.fromkeys(("target-epsilon", "target-delta", "max-grad-norm", "test-fraction"),
-                    (int, float)),
-    **dict.fromkeys(("max-examples", "runtime-port"), (int,)),
+    **dict.fromkeys(("target-epsilon", "target-delta", "max-grad-norm", "test-fraction",
+                     "lifetime-epsilon"), (int, float)),
+    **dict.fromkeys(("max-examples", "runtime-port", "seed"), (int,)),
 }
 _SCHEMA_KEYS = (*DATA_KEYS, "target-epsilon", "target-delta", "max-grad-norm")
 
@@ -229,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print N de-identified texts of the data (changed ones first) "
                         "on this terminal, and exit")
     parser.add_argument("--ledger", action="store_true",
-                        help="print the privacy spent per dataset (ε spent / budget) and exit")
+                        help="print each dataset's privacy budget (ε spent / lifetime / left) "
+                        "and exit (= `flower-client ledger show`)")
     parser.add_argument("--admission-wait", type=float, default=120.0, metavar="SECONDS",
                         help="keep retrying this long while the coordinator does not admit "
                         "this institution yet (it may still be registering keys)")
@@ -237,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run every message in its own ClientApp process (Flower's "
                         "default) instead of one long-lived worker")
     for key in ALL_KEYS:
-        kind = int if key == "runtime-port" else float if key in POLICY_KEYS[:3] else None
+        kind = (int if key in ("runtime-port", "seed") else float
+                if key in (*POLICY_KEYS[:3], "lifetime-epsilon") else None)
         if key in ("insecure", "allow-no-dp"):
             parser.add_argument(f"--{key}", action="store_true", default=None,
                                 help="plain text, no TLS (testing only)" if key == "insecure"
@@ -322,13 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         return approve_main(argv[1:])
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
+    if argv[:1] == ["ledger"]:
+        return ledger_main(argv[1:], load_client_config)
     args = build_parser().parse_args(argv)
     overrides = {k: getattr(args, k.replace("-", "_")) for k in ALL_KEYS}
     try:
         settings = load_client_config(args.config, overrides)
         if args.ledger:
-            show_ledger(Path(settings[LEDGER_KEY]), settings.get("target-epsilon",
-                                                                 "(the run's)"))
+            show(settings)
             return 0
         if args.deid_preview is not None:
             deid_preview(settings, args.deid_preview)

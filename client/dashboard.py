@@ -7,18 +7,13 @@ terminal only, while the SuperNode's log lines scroll above it.
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from fedsilo.client.ledger import Ledger
 from fedsilo.common import journal
-
-log = logging.getLogger("fedsilo.client")
 
 SHOWN = 6  # most recent events in the table
 
@@ -44,20 +39,3 @@ def render(ledger_dir: Path, name: str, budget: object) -> RenderableType:
                       str(e.get("num_examples", "")), "" if eps is None else f"{eps:.3f}",
                       f"{sent['bytes']:,} B" if "bytes" in sent else "")
     return Group(head, table) if events else head
-
-
-def show_ledger(folder: Path, budget: object) -> None:
-    """Log ε spent against ``budget`` for every dataset in the ledger at ``folder``."""
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if not files:
-        log.info("ledger %s: no privacy spent yet", folder)
-    for path in files:
-        doc = json.loads(path.read_text("utf-8"))
-        ledger = Ledger.open(folder, doc["fingerprint"], doc["accountant"])
-        if not ledger.entries:
-            continue
-        delta = ledger.entries[-1].delta
-        runs = {e.run for e in ledger.entries}
-        log.info("dataset %s…: ε spent %.4f / budget %s at δ=%.2e, %d round(s) in %d run(s), "
-                 "last %s", ledger.fingerprint[:12], ledger.spent(delta), budget, delta,
-                 len(ledger.entries), len(runs), ledger.entries[-1].at)

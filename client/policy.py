@@ -12,7 +12,13 @@ coordinator sends can loosen the institution's policy:
 - record-level DP stays on unless the institution itself allows it off
   (``allow-no-dp``, which also admits client-level-DP runs);
 - de-identification is the institution's (``deidentify``; all pattern kinds by
-  default): the run's ``deidentify-floor`` can only make it decline, never scrub less.
+  default): the run's ``deidentify-floor`` can only make it decline, never scrub less;
+- the split of its data (``seed``, ``test-fraction``, ``max-examples``) is the
+  institution's alone: set in client.toml, or the schema's defaults (42, 0.1, 0 = all),
+  never the run's; a run that sends other values is logged and its values ignored;
+- its budget: ``lifetime-epsilon`` per dataset (default :data:`DEFAULT_LIFETIME_EPSILON`),
+  the ledger's key ``dataset-id`` (default: the raw records' fingerprint) and the
+  ``state-dir`` holding the ledger's markers.
 
 The noise multiplier is always calibrated locally from the effective (ε, δ), so the
 coordinator cannot lower it either.
@@ -20,6 +26,8 @@ coordinator cannot lower it either.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -29,10 +37,19 @@ from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
 
+log = logging.getLogger(__name__)
+
 #: Node-config keys that name the institution's data; they replace the run's values.
-DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-examples", "device")
-#: Node-config keys of the institution's privacy policy.
-POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp")
+DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-examples", "device",
+             "seed")
+#: How the institution splits its data: its own setting or the schema's default, never the run's.
+SPLIT_KEYS = ("seed", "test-fraction", "max-examples")
+#: Node-config keys of the institution's privacy policy (the last three: its budget).
+POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp",
+               "lifetime-epsilon", "dataset-id", "state-dir")
+#: Lifetime ε of a dataset whose institution sets no ``lifetime-epsilon``: one run at
+#: the default per-run ε of 8 fits, a second one does not.
+DEFAULT_LIFETIME_EPSILON = 10.0
 NAME_KEY = "institution"
 #: Node-config key of the institution's de-identification settings (:meth:`DeidSettings.to_node`).
 DEID_KEY = "deidentify"
@@ -49,12 +66,17 @@ class Policy:
     """What the institution caps beyond the merged config.
 
     ``max_delta`` is the institution's δ (``0`` = its automatic δ, computed from its
-    number of examples), which a run's larger δ cannot exceed.
+    number of examples), which a run's larger δ cannot exceed. ``lifetime_epsilon``
+    bounds each dataset's spend over all runs (unbounded only for a simulation's
+    virtual institutions, whose ledgers last one run).
     """
 
     max_delta: float = 0.0
     ledger_dir: str = ""
     deidentify: DeidSettings = field(default_factory=DeidSettings)
+    lifetime_epsilon: float = math.inf
+    dataset_id: str = ""
+    state_dir: str = ""
 
     def delta(self, requested: float, num_examples: int) -> float:
         """Effective δ: the run's (or automatic) δ, never above the institution's."""
@@ -84,6 +106,7 @@ def institution_config(
             "`flower-client --config client.toml`, which passes both"
         )
     changes: dict[str, object] = {k: node[k] for k in DATA_KEYS if k in node}
+    changes |= _split(run, node)
     if not run.privacy.dp and not bool(node.get("allow-no-dp", False)):
         raise PolicyError(
             "declined: the coordinator's run turns DP off, which this institution's "
@@ -105,8 +128,25 @@ def institution_config(
     deid = DeidSettings.from_node(str(node[DEID_KEY])) if DEID_KEY in node else DeidSettings()
     check_deidentify_floor(run, deid)
     policy = Policy(max_delta=float(node.get("target-delta", 0.0) or 0.0),
-                    ledger_dir=str(node.get(LEDGER_KEY, "")), deidentify=deid)
+                    ledger_dir=str(node.get(LEDGER_KEY, "")), deidentify=deid,
+                    lifetime_epsilon=float(node.get("lifetime-epsilon",
+                                                    DEFAULT_LIFETIME_EPSILON)),
+                    dataset_id=str(node.get("dataset-id", "")),
+                    state_dir=str(node.get("state-dir", "")))
+    if not policy.lifetime_epsilon > 0:
+        raise ConfigError("node config: lifetime-epsilon must be > 0; fix it in client.toml")
     return run.replace(**changes), policy
+
+
+def _split(run: FedsiloConfig, node: Mapping[str, object]) -> dict[str, object]:
+    """The institution's split settings; the run's are ignored (logged when they differ)."""
+    flat, default = run.to_flat(), FedsiloConfig().to_flat()
+    out = {k: node.get(k, default[k]) for k in SPLIT_KEYS}
+    for key, value in out.items():
+        if flat[key] != value:
+            log.info("the run asks for %s=%s; ignored: this institution splits its data with "
+                     "%s=%s (its client.toml, or the default)", key, flat[key], key, value)
+    return out
 
 
 def check_deidentify_floor(run: FedsiloConfig, deid: DeidSettings) -> None:

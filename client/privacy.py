@@ -1,10 +1,12 @@
 """Privacy accounting for one institution: calibrate the noise, enforce the budget.
 
-The noise multiplier is calibrated once per run, with Opacus's accountant, so that
-the dataset's earlier spend (from its ledger) plus the run's whole planned
-participation (every round) stays within the institution's target ε. Before each
-round the client checks what the round would cost and declines it if the dataset
-would pass the target; ε is always computed by Opacus from the ledger's history.
+Three numbers: the run's ε (its ``target-epsilon``, pinned by the agreement), the
+dataset's lifetime ε (``lifetime-epsilon`` in client.toml) and what is left. The noise
+multiplier is calibrated once per run, with Opacus's accountant, so that the run's whole
+planned participation (every round) spends its agreed ε. A run the dataset's remaining
+lifetime budget cannot pay is declined before its first step (never recalibrated to
+the leftover); before each round the client also checks that the run stays within its
+agreed ε. ε is always computed by Opacus from the ledger's history.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 History = tuple[tuple[float, float, int], ...]
-_SIGMA_MAX = 1000.0
 
 
 class DeclinedError(RuntimeError):
@@ -65,45 +66,46 @@ def plan(
     target_epsilon: float,
     delta: float,
     accountant: str,
-    prior: History = (),
 ) -> DPPlan:
-    """Calibrate the noise multiplier for all planned rounds with Opacus.
+    """Calibrate the noise multiplier for all planned rounds of one run with Opacus.
 
     Poisson sampling with expected batch ``batch_size`` gives sample rate
     ``1 / ceil(n / batch_size)`` and that many steps per epoch (as Opacus's
-    ``DPDataLoader`` does). ``prior`` is the dataset's spend before this run; without
-    one this is Opacus's ``get_noise_multiplier``, with one the same bisection runs
-    over the accountant of the whole history. Calibration takes seconds, so results
-    are cached per process.
-
-    Raises
-    ------
-    BudgetExceededError
-        If earlier runs left no room for this run at any noise level.
+    ``DPDataLoader`` does). ``target_epsilon`` is the run's agreed ε, spent by this
+    run alone: the noise never depends on what earlier runs spent (a dataset whose
+    lifetime budget cannot pay it declines the run, :func:`check_lifetime`).
+    Calibration takes seconds, so results are cached per process.
     """
     steps_per_epoch = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / steps_per_epoch
     steps_per_round = steps_per_epoch * local_epochs
     planned = steps_per_round * num_rounds
-    if not prior:
-        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                     sample_rate=sample_rate, steps=planned,
-                                     accountant=accountant)
-    else:
-        def fits(s: float) -> bool:
-            total = (*prior, (s, sample_rate, planned))
-            return _epsilon(total, accountant, delta) <= target_epsilon
-
-        if not fits(_SIGMA_MAX):
-            spent = _epsilon(prior, accountant, delta)
-            raise BudgetExceededError(
-                f"declined: this dataset has already spent ε={spent:.3f} of its "
-                f"{target_epsilon} budget in earlier runs; no noise level fits this run")
-        low, sigma = 0.0, _SIGMA_MAX
-        while sigma - low > 0.01 * sigma:
-            mid = (low + sigma) / 2
-            low, sigma = (low, mid) if fits(mid) else (mid, sigma)
+    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                 sample_rate=sample_rate, steps=planned, accountant=accountant)
     return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta)
+
+
+def check_lifetime(prior: History, dp_plan: DPPlan, accountant: str,
+                   lifetime: float) -> float:
+    """Return the dataset's ε after the whole planned run; raise if over its lifetime ε.
+
+    ``prior`` is the dataset's spend outside this run (other runs, evaluations,
+    migrated ledgers). The whole run is reserved, so a run is declined before its
+    first step rather than diluted or cut short.
+
+    Raises
+    ------
+    BudgetExceededError
+        With a generic reason (the run's agreed ε, nothing about the data).
+    """
+    total = add_steps(list(prior), dp_plan.noise_multiplier, dp_plan.sample_rate,
+                      dp_plan.planned_steps)
+    after = _epsilon(tuple(total), accountant, dp_plan.delta)
+    if after > lifetime:
+        raise BudgetExceededError(
+            f"declined: budget: this institution's remaining lifetime privacy budget for "
+            f"this dataset cannot pay this run's agreed ε={dp_plan.target_epsilon:g}")
+    return after
 
 
 def spent_epsilon(accountant: IAccountant, delta: float) -> float:

@@ -21,9 +21,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
-from fedsilo.client import privacy, replay
+from fedsilo.client import budget, privacy, replay
 from fedsilo.client.agreements import check_run
-from fedsilo.client.ledger import Ledger, dataset_fingerprint, keep_update
+from fedsilo.client.ledger import dataset_key, keep_update
 from fedsilo.client.messages import (
     Request,
     SecAggRangeError,
@@ -94,14 +94,15 @@ def _prepared(
 
     ``stamp`` (:func:`_stamp`) is part of the key: a long-lived process (the warm
     worker) reloads a data file that changed between messages. The fingerprint (the
-    ledger's key) is taken on the raw records, so scrubbing never changes the budget;
-    everything after it (tokens, features, evaluation) sees only scrubbed text.
+    ledger's key) is taken on the raw records before any split, so neither the split
+    nor scrubbing changes the budget; everything after it (tokens, features,
+    evaluation) sees only scrubbed text.
     """
     if partition is not None:
         data = simulated_institution(cfg.data, cfg.train.seed, *partition)
     else:
         data = local_institution(cfg.data, name, cfg.train.seed)
-    fingerprint = dataset_fingerprint(data.train.texts, data.train.labels)
+    fingerprint = budget.raw_fingerprint(cfg, partition, data)
     data, report = deidentified(data, scrubber_for(deid), cache)
     labels = federation_labels(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -155,6 +156,8 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     data, train_set, test_set, fingerprint, deidentify = _prepared(
         cfg, partition, name, cache, _stamp(cfg.data.data), policy.deidentify)
     prepared = time.perf_counter()
+    if policy.dataset_id:  # the institution names its dataset: the ledger follows the name
+        fingerprint = dataset_key(policy.dataset_id, [], [])
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     received = name_arrays(request, trainable_names(model))
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
@@ -200,7 +203,8 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
     """Check the budget, train with DP-SGD, and record the spend before anything leaves."""
     cfg, n = task.cfg, len(task.train_set)
     run, server_round = task.run, int(request.config["server-round"])
-    ledger = Ledger.open(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant)
+    ledger = budget.open_ledger(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant,
+                                task.policy)
     received = journal.digest(task.received)["sha256"]
     if ledger.has(run, server_round):
         kept = replay.load(_ledger_dir(task), task.fingerprint, run, server_round, received)
@@ -219,14 +223,14 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
         num_examples=n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
         num_rounds=cfg.federation.num_rounds, target_epsilon=cfg.privacy.target_epsilon,
         delta=delta, accountant=cfg.privacy.accountant,
-        prior=tuple(ledger.history(exclude_run=run)),
     )
-    privacy.check_budget(ledger.restore(), dp_plan)  # before any training step
+    budget.admit(ledger, dp_plan, run, task.data.name)  # before any training step
     result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
                            task.device, _correction(task, request))
     released = _release(task, request, context)
-    epsilon = ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
-                            dp_plan.noise_multiplier, delta)
+    ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
+                  dp_plan.noise_multiplier, delta)
+    epsilon = budget.report(ledger, dp_plan, run, task.data.name)  # this run's ε only
     dp_metrics = {"epsilon": epsilon, "delta": delta,
                   "noise-multiplier": dp_plan.noise_multiplier,
                   "sample-rate": dp_plan.sample_rate}

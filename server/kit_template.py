@@ -40,15 +40,21 @@ label-column = "label"
 
 # ---- Local privacy policy: EDIT ------------------------------------------------------
 # These are this institution's OWN limits for record-level DP-SGD, decided here and not
-# by the coordinator: the privacy budget of each dataset (across all runs, kept in the
-# ledger below) and the per-example clipping.
+# by the coordinator: the most ε one run may spend (a run agreed at more joins at this),
+# the lifetime ε of each dataset across all runs (kept in the ledger below; a run it
+# cannot pay is declined before any step) and the per-example clipping.
 target-epsilon = 8.0
+lifetime-epsilon = 10.0
 # 0 = automatic: min(1e-5, 0.1 / number of local training examples).
 target-delta = 0.0
 max-grad-norm = 1.0
 # Where this institution's privacy ledger and its approved agreements live. Back it up;
-# `flower-client --config client.toml --ledger` prints the budget spent.
+# `flower-client ledger show --config client.toml` prints ε spent / lifetime / left.
 ledger-dir = "ledger"
+# How this institution splits its data (its own; the coordinator cannot change it):
+# seed = 42
+# test-fraction = 0.1
+# max-examples = 0
 
 # ---- De-identification (on by default) -----------------------------------------------
 # Identifiers in every text become [EMAIL], [PHONE], [URL], [IP], [DATE], [CARD], [SSN],

@@ -8,6 +8,8 @@
       "config": {flat settings},            # the run config actually used
       "holdout_majority_rate": float|null,  # share of the largest class in the holdout
       "status": "running" | "completed",
+      "outcome": "completed" | "completed with declines",  # once completed
+      "declines": [{"round", "institution", "reason"}, ...],  # who declined and why
       "resumed_after": [int, ...],          # rounds after which --resume continued
       "rounds": [
         {
@@ -163,6 +165,10 @@ class RunReport:
         declined = code == DECLINED_CODE
         entry["declined" if declined else "failures"].append(
             reason if declined or node_id is None else f"node {node_id}: {reason}")
+        if declined:
+            who = self.who(node_id) if node_id is not None else "an institution"
+            self.doc.setdefault("declines", []).append(
+                {"round": server_round, "institution": who, "reason": reason})
 
     def record_update(self, server_round: int, name: str, m: Mapping[str, Any],
                       size: int) -> None:
@@ -271,8 +277,24 @@ class RunReport:
         self.write()
 
     def complete(self) -> None:
-        """Mark the run as completed and persist."""
+        """Mark the run as completed (with declines, naming who and why) and persist.
+
+        Also logs each institution's ε spent in this run against the run's agreed ε
+        (what is left of it; each institution logs its dataset's lifetime budget itself).
+        """
         self.doc["status"] = "completed"
+        declines = self.doc.get("declines", [])
+        self.doc["outcome"] = "completed with declines" if declines else "completed"
+        for d in declines:
+            log.warning("run completed with declines: %s declined round %d: %s",
+                        d["institution"], d["round"], d["reason"])
+        target = self.doc["config"].get("target-epsilon")
+        last = {n: s["epsilon"] for r in self.doc["rounds"]
+                for n, s in r["institutions"].items() if s["epsilon"] is not None}
+        for name, eps in sorted(last.items()):
+            if isinstance(target, int | float):
+                log.info("%s spent ε %.3f of the run's %g (%.3f left of it)", name, eps,
+                         target, max(0.0, target - eps))
         self.write()
 
     def write(self) -> None:

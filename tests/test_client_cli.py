@@ -53,12 +53,12 @@ def test_ledger_command_prints_spend_against_the_budget(tmp_path, caplog):
     ledger = Ledger.open(tmp_path / "ledger", "e" * 64, "rdp")
     eps = ledger.record(3, 1, 40, 0.05, 1.0, 1e-5)
     args = ["--ledger", "--institution", "h", "--superlink", "x:1", "--data", "d.csv",
-            "--ledger-dir", str(tmp_path / "ledger"), "--target-epsilon", "6"]
+            "--ledger-dir", str(tmp_path / "ledger"), "--lifetime-epsilon", "6"]
     logger = logging.getLogger("fedsilo")
     logger.addHandler(caplog.handler)
     try:
         assert cli.main(args) == 0
     finally:
         logger.removeHandler(caplog.handler)
-    assert f"ε spent {eps:.4f} / budget 6.0" in caplog.text
-    assert "1 round(s) in 1 run(s)" in caplog.text
+    assert f"ε spent {eps:.4f} / lifetime 6 / left {6 - eps:.4f}" in caplog.text
+    assert "1 release(s) in 1 run(s); trusted" in caplog.text

@@ -1,6 +1,6 @@
 import pytest
 
-from fedsilo.client.policy import PolicyError, institution_config
+from fedsilo.client.policy import DEFAULT_LIFETIME_EPSILON, PolicyError, institution_config
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.server.gateway import is_public_route
 
@@ -23,6 +23,19 @@ def test_a_stricter_run_is_kept():
     cfg, policy = institution_config(run, {**NODE, "target-epsilon": 8.0, "target-delta": 1e-5})
     assert cfg.privacy.target_epsilon == 2.0
     assert policy.delta(cfg.privacy.target_delta, 1000) == 1e-7
+
+
+def test_split_and_budget_are_the_institutions():
+    run = FedsiloConfig().replace(seed=43, test_fraction=0.99, max_examples=5)
+    cfg, policy = institution_config(run, NODE)
+    assert (cfg.train.seed, cfg.data.test_fraction, cfg.data.max_examples) == (42, 0.1, 0)
+    assert policy.lifetime_epsilon == DEFAULT_LIFETIME_EPSILON
+    cfg, policy = institution_config(run, {**NODE, "test-fraction": 0.3, "lifetime-epsilon": 4,
+                                           "dataset-id": "notes-2026"})
+    assert cfg.data.test_fraction == 0.3 and policy.lifetime_epsilon == 4.0
+    assert policy.dataset_id == "notes-2026"
+    with pytest.raises(ConfigError, match="lifetime-epsilon"):
+        institution_config(run, {**NODE, "lifetime-epsilon": 0})
 
 
 def test_dp_off_needs_the_institutions_consent():

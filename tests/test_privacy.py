@@ -20,17 +20,16 @@ def test_plan_matches_poisson_loader_and_meets_target():
     assert acc.get_epsilon(1e-5) <= 4.0
 
 
-def test_earlier_spend_raises_the_noise_and_a_spent_budget_declines_the_run():
+def test_earlier_spend_never_dilutes_the_noise_a_run_the_lifetime_cannot_pay_is_declined():
     fresh = _plan()
     prior = ((fresh.noise_multiplier, fresh.sample_rate, 60),)  # half of an earlier run
-    later = _plan(prior=prior)
-    assert later.noise_multiplier > fresh.noise_multiplier
+    after = privacy.check_lifetime(prior, fresh, "rdp", lifetime=10.0)
     acc = RDPAccountant()
-    acc.history = [*prior, (later.noise_multiplier, later.sample_rate, later.planned_steps)]
-    assert acc.get_epsilon(1e-5) <= 4.0
-    spent = ((0.5, 0.05, 5000),)
-    with pytest.raises(privacy.BudgetExceededError, match="earlier runs"):
-        _plan(prior=spent)
+    acc.history = [*prior, (fresh.noise_multiplier, fresh.sample_rate, fresh.planned_steps)]
+    assert after == pytest.approx(acc.get_epsilon(1e-5))
+    with pytest.raises(privacy.BudgetExceededError, match="agreed ε=4") as err:
+        privacy.check_lifetime(prior, fresh, "rdp", lifetime=after - 0.01)
+    assert "spent" not in str(err.value)  # a generic reason: nothing about the data's history
 
 
 def test_budget_check_declines_a_round_past_the_target():
