@@ -51,6 +51,7 @@ class Entry:
     delta: float
     epsilon: float
     at: str
+    kind: str = "train"  # or "evaluate": a DP-noised evaluation release
 
 
 @dataclass
@@ -102,15 +103,24 @@ class Ledger:
         """ε spent so far at ``delta`` (0 before any step)."""
         return float(self.restore().get_epsilon(delta)) if self.entries else 0.0
 
-    def has(self, run: int, server_round: int) -> bool:
-        """Whether this (run, round) was already trained and counted."""
-        return any(e.run == run and e.round == server_round for e in self.entries)
+    def has(self, run: int, server_round: int, kind: str = "train") -> bool:
+        """Whether this (run, round, kind) was already released and counted."""
+        return any(e.run == run and e.round == server_round and e.kind == kind
+                   for e in self.entries)
 
     def record(self, run: int, server_round: int, steps: int, sample_rate: float,
-               noise_multiplier: float, delta: float) -> float:
-        """Add a trained round, persist atomically and return ε after it."""
+               noise_multiplier: float, delta: float, kind: str = "train") -> float:
+        """Add a release (a trained round, or a noised evaluation), persist, return ε after.
+
+        Raises
+        ------
+        LedgerError
+            If this (run, round, kind) is already in the ledger.
+        """
+        if self.has(run, server_round, kind):
+            raise LedgerError(f"run {run} round {server_round} ({kind}) is already recorded")
         entry = Entry(run, server_round, steps, sample_rate, noise_multiplier, delta, 0.0,
-                      dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+                      dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), kind)
         self.entries.append(entry)
         epsilon = self.spent(delta)
         self.entries[-1] = Entry(**{**asdict(entry), "epsilon": epsilon})

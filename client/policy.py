@@ -32,7 +32,10 @@ from fedsilo.common.deidentify import DeidSettings
 #: Node-config keys that name the institution's data; they replace the run's values.
 DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-examples", "device")
 #: Node-config keys of the institution's privacy policy.
-POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp")
+POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp",
+               "release-evaluation", "evaluation-noise")
+#: σ of each noised count of a released local evaluation (``evaluation-noise``).
+EVALUATION_NOISE = 20.0
 NAME_KEY = "institution"
 #: Node-config key of the institution's de-identification settings (:meth:`DeidSettings.to_node`).
 DEID_KEY = "deidentify"
@@ -55,6 +58,10 @@ class Policy:
     max_delta: float = 0.0
     ledger_dir: str = ""
     deidentify: DeidSettings = field(default_factory=DeidSettings)
+    #: What local evaluation releases: "none", "noised" (``release-evaluation = true``)
+    #: or, for a simulation's virtual institutions only, "exact" (:func:`evaluation_release`).
+    evaluation: str = "none"
+    evaluation_noise: float = EVALUATION_NOISE
 
     def delta(self, requested: float, num_examples: int) -> float:
         """Effective δ: the run's (or automatic) δ, never above the institution's."""
@@ -105,8 +112,22 @@ def institution_config(
     deid = DeidSettings.from_node(str(node[DEID_KEY])) if DEID_KEY in node else DeidSettings()
     check_deidentify_floor(run, deid)
     policy = Policy(max_delta=float(node.get("target-delta", 0.0) or 0.0),
-                    ledger_dir=str(node.get(LEDGER_KEY, "")), deidentify=deid)
+                    ledger_dir=str(node.get(LEDGER_KEY, "")), deidentify=deid,
+                    evaluation=evaluation_release(node, simulated=False),
+                    evaluation_noise=float(node.get("evaluation-noise", EVALUATION_NOISE)))
     return run.replace(**changes), policy
+
+
+def evaluation_release(node: Mapping[str, object], simulated: bool) -> str:
+    """What local evaluation releases for this node config.
+
+    ``noised`` with ``release-evaluation = true``, else ``none``; a simulation's virtual
+    institution (one trust domain, no ``release-evaluation`` in its node config) releases
+    ``exact`` metrics.
+    """
+    if "release-evaluation" not in node:
+        return "exact" if simulated else "none"
+    return "noised" if bool(node["release-evaluation"]) else "none"
 
 
 def check_deidentify_floor(run: FedsiloConfig, deid: DeidSettings) -> None:

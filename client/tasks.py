@@ -21,7 +21,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
-from fedsilo.client import privacy, replay
+from fedsilo.client import evaluation, privacy, replay
 from fedsilo.client.agreements import check_run
 from fedsilo.client.ledger import Ledger, dataset_fingerprint, keep_update
 from fedsilo.client.messages import (
@@ -29,6 +29,7 @@ from fedsilo.client.messages import (
     SecAggRangeError,
     check_secagg_range,
     evaluate_reply,
+    generic_errors,
     name_arrays,
     read_request,
     released_arrays,
@@ -39,8 +40,10 @@ from fedsilo.client.policy import (
     NAME_KEY,
     Policy,
     PolicyError,
+    evaluation_release,
     institution_config,
 )
+from fedsilo.client.received import ReceivedModelError, check_model
 from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
 from fedsilo.client.worker import Origin
 from fedsilo.common import features, journal
@@ -131,8 +134,11 @@ class _Task:
     deidentify: dict[str, object]  # what was scrubbed: kinds and counts per file, no values
 
 
-def _setup(request: Request, context: Context, origin: Origin) -> _Task:
-    """Resolve settings, load this institution's data and the received global model."""
+def _setup(request: Request, context: Context, origin: Origin, evaluate: bool = False) -> _Task:
+    """Resolve settings, load this institution's data and the received global model.
+
+    The received model is checked (:mod:`fedsilo.client.received`) before it is loaded.
+    """
     configure_logging()
     cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
     node = context.node_config
@@ -140,7 +146,8 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
         partition = (int(node["partition-id"]), int(node["num-partitions"]))
         # A virtual institution scrubs what the run's floor asks (--deidentify: every kind).
         name = ""
-        policy = Policy(deidentify=DeidSettings(kinds=cfg.privacy.deidentify_floor))
+        policy = Policy(deidentify=DeidSettings(kinds=cfg.privacy.deidentify_floor),
+                        evaluation=evaluation_release(node, simulated=True))
     else:  # a real institution: its node config holds its data and privacy policy
         if not node.get(LEDGER_KEY):  # approved agreements live beside the ledger
             raise PolicyError("this SuperNode's node config names no ledger-dir; start it "
@@ -157,6 +164,9 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     prepared = time.perf_counter()
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     received = name_arrays(request, trainable_names(model))
+    run = int(request.config.get(RUN_KEY, context.run_id))
+    check_model(cfg, int(request.config.get("server-round", 1)), evaluate, model, received,
+                _journal_dir(cfg, policy, run, data.name) / "journal.jsonl")
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
     device = resolve_device(cfg.model.device)
     loaded = time.perf_counter()
@@ -164,8 +174,7 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     timings = {"seconds-data": prepared - started, "seconds-model": loaded - prepared,
                "seconds-features": time.perf_counter() - loaded}
     return _Task(cfg, policy, data, fingerprint, train_in, test_in, model, net, device,
-                 received, timings, int(request.config.get(RUN_KEY, context.run_id)),
-                 deidentify)
+                 received, timings, run, deidentify)
 
 
 def _ledger_dir(task: _Task) -> Path:
@@ -174,8 +183,12 @@ def _ledger_dir(task: _Task) -> Path:
     A deployed institution keeps it in its own folder; a virtual institution of a
     simulation keeps one per run in the output folder.
     """
-    return Path(task.policy.ledger_dir) if task.policy.ledger_dir else (
-        Path(task.cfg.federation.output_dir) / "ledgers" / f"run-{task.run}" / task.data.name)
+    return _journal_dir(task.cfg, task.policy, task.run, task.data.name)
+
+
+def _journal_dir(cfg: FedsiloConfig, policy: Policy, run: int, name: str) -> Path:
+    return Path(policy.ledger_dir) if policy.ledger_dir else (
+        Path(cfg.federation.output_dir) / "ledgers" / f"run-{run}" / name)
 
 
 def _release(task: _Task, request: Request, context: Context) -> dict[str, np.ndarray]:
@@ -274,6 +287,7 @@ def _uniform_weight(cfg: FedsiloConfig) -> dict[str, float]:
     return {UNIFORM_WEIGHT_KEY: 1.0} if client_level else {}
 
 
+@generic_errors(ReceivedModelError)
 def train(msg: Message, context: Context, origin: Origin) -> Message:
     """Train the received global tensors locally and reply with the update.
 
@@ -328,20 +342,48 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
     return reply
 
 
+@generic_errors(ReceivedModelError)
 def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
-    """Evaluate the received global tensors on the institution's held-out data."""
+    """Evaluate the received global tensors on the institution's held-out data.
+
+    What leaves is :func:`_released_evaluation`'s: nothing (declined), noised counts, or
+    a simulation's exact metrics.
+    """
     request = read_request(msg)
     try:
-        task = _setup(request, context, origin)
+        task = _setup(request, context, origin, evaluate=True)
+        metrics = _released_evaluation(task, context, request)
     except privacy.DeclinedError as err:
         log.warning("%s: %s", _name(context), err)
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
-    res = evaluate(task.net, task.test_set, task.device)
-    _journal(task, context, request, "evaluate", num_examples=res.num_examples,
-             accuracy=res.accuracy)
     return evaluate_reply(msg, request, task.data.name,
-                          {**_eval_metrics(res), **_uniform_weight(task.cfg)})
+                          {**metrics, **_uniform_weight(task.cfg)})
+
+
+def _released_evaluation(task: _Task, context: Context, request: Request) -> dict[str, float]:
+    """Evaluate and return what may leave (:mod:`fedsilo.client.evaluation`).
+
+    Raises
+    ------
+    privacy.DeclinedError
+        If nothing may (not opted in, SecAgg+'s layout, over the cap or the budget).
+    """
+    policy, cfg = task.policy, task.cfg
+    if policy.evaluation == "exact":  # a simulation's virtual institution
+        res = evaluate(task.net, task.test_set, task.device)
+        _journal(task, context, request, "evaluate", num_examples=res.num_examples,
+                 accuracy=res.accuracy)
+        return _eval_metrics(res)
+    if policy.evaluation != "noised" or request.legacy:
+        raise privacy.DeclinedError(evaluation.NOT_RELEASED)
+    released, epsilon = evaluation.release(
+        Ledger.open(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant), task.run,
+        int(request.config.get("server-round", 0)), cfg,
+        policy.delta(cfg.privacy.target_delta, len(task.train_set)), policy.evaluation_noise,
+        lambda: evaluate(task.net, task.test_set, task.device))
+    _journal(task, context, request, "evaluate", released=released, epsilon=epsilon)
+    return released
 
 
 def _eval_metrics(res: EvalResult) -> dict[str, float]:
@@ -357,10 +399,12 @@ def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[
     """
     if request.legacy or not request.config.get(EVALUATE_RECEIVED_KEY):
         return {}
-    res = evaluate(task.net, task.test_set, task.device)
-    _journal(task, context, request, "evaluate-received", num_examples=res.num_examples,
-             accuracy=res.accuracy)
-    return {RECEIVED_PREFIX + k: v for k, v in _eval_metrics(res).items()}
+    try:
+        released = _released_evaluation(task, context, request)
+    except privacy.DeclinedError as err:  # training goes on without it
+        log.info("%s: %s", task.data.name, err)
+        return {}
+    return {RECEIVED_PREFIX + k: v for k, v in released.items()}
 
 
 def _journal(task: _Task, context: Context, request: Request, event: str,
