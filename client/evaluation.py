@@ -9,8 +9,10 @@ removing one record changes the pair by at most √2 in L2), recorded in the led
 *before* the reply as one Gaussian-mechanism step (``steps=1``, ``sample_rate=1``,
 ``noise_multiplier=σ/√2``, ``kind="evaluate"``) through Opacus's accountant. At most one
 per round of the run (1 … the agreed ``num-rounds``), and only within the institution's
-ε target; anything else is declined. Accuracy and ``num-examples`` are post-processing
-of the two noised counts; loss and macro-F1 are not released.
+ε target; anything else is declined. With the opt-in, training's noise is calibrated
+for the run's training plus one evaluation per round (:func:`reserve`). Accuracy and
+``num-examples`` are post-processing of the two noised counts; loss and macro-F1 are
+not released.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from opacus.accountants import create_accountant
 
 from fedsilo.client.ledger import Ledger
+from fedsilo.client.policy import Policy
 from fedsilo.client.privacy import DeclinedError, add_steps
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.task import EvalResult
@@ -32,6 +35,19 @@ NOT_RELEASED = ("declined: this institution does not release local evaluation; t
 ALREADY = ("declined: this round's local evaluation was already released or is outside "
            "the run's rounds (one per round)")
 OVER_BUDGET = "declined: a noised evaluation would pass this institution's ε target"
+
+
+def reserve(prior: list[tuple[float, float, int]], policy: Policy, num_rounds: int
+            ) -> list[tuple[float, float, int]]:
+    """``prior`` plus, when ``policy`` releases noised evaluations, one per round of the run.
+
+    Training's noise is calibrated on this, so that the run's training *and* its
+    evaluations fit the ε target together and an evaluation never makes a later round
+    decline.
+    """
+    if policy.evaluation != "noised":
+        return list(prior)
+    return add_steps(list(prior), evaluation_sigma(policy.evaluation_noise), 1.0, num_rounds)
 
 
 def evaluation_sigma(noise: float) -> float:
@@ -81,3 +97,29 @@ def release(ledger: Ledger, run: int, server_round: int, cfg: FedsiloConfig, del
     epsilon = ledger.record(run, server_round, 1, 1.0, evaluation_sigma(noise), delta,
                             kind="evaluate")  # before anything leaves
     return noised_metrics(res, noise), epsilon
+
+
+def exact_metrics(res: EvalResult) -> dict[str, float]:
+    """Every metric, exact: only a simulation's virtual institutions release these."""
+    return {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
+            "macro-f1": res.macro_f1}
+
+
+def released(policy: Policy, legacy: bool, evaluate: Callable[[], EvalResult],
+             open_ledger: Callable[[], Ledger], run: int, server_round: int,
+             cfg: FedsiloConfig, delta: float) -> tuple[dict[str, float], dict[str, object]]:
+    """What one local evaluation releases under ``policy``, and what the journal keeps.
+
+    Raises
+    ------
+    DeclinedError
+        If nothing may leave (not opted in, SecAgg+'s layout, over the cap or the budget).
+    """
+    if policy.evaluation == "exact":  # a simulation's virtual institution
+        res = evaluate()
+        return exact_metrics(res), {"num_examples": res.num_examples, "accuracy": res.accuracy}
+    if policy.evaluation != "noised" or legacy:
+        raise DeclinedError(NOT_RELEASED)
+    metrics, epsilon = release(open_ledger(), run, server_round, cfg, delta,
+                               policy.evaluation_noise, evaluate)
+    return metrics, {"released": metrics, "epsilon": epsilon}

@@ -127,7 +127,11 @@ def evaluation_release(node: Mapping[str, object], simulated: bool) -> str:
     """
     if "release-evaluation" not in node:
         return "exact" if simulated else "none"
-    return "noised" if bool(node["release-evaluation"]) else "none"
+    value = node["release-evaluation"]
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text in ("true", "false"):
+        return "noised" if value is True or text == "true" else "none"
+    raise ConfigError(f"release-evaluation = {value!r} in client.toml: use true or false")
 
 
 def check_deidentify_floor(run: FedsiloConfig, deid: DeidSettings) -> None:

@@ -65,7 +65,7 @@ from fedsilo.common.model import (
     set_trainable_state,
     trainable_names,
 )
-from fedsilo.common.task import EvalResult, evaluate, federation_labels
+from fedsilo.common.task import evaluate, federation_labels
 from fedsilo.common.token_cache import encode_cached
 from fedsilo.common.wire import (
     DECLINED_CODE,
@@ -232,7 +232,8 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
         num_examples=n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
         num_rounds=cfg.federation.num_rounds, target_epsilon=cfg.privacy.target_epsilon,
         delta=delta, accountant=cfg.privacy.accountant,
-        prior=tuple(ledger.history(exclude_run=run)),
+        prior=tuple(evaluation.reserve(ledger.history(exclude_run=run), task.policy,
+                                       cfg.federation.num_rounds)),
     )
     privacy.check_budget(ledger.restore(), dp_plan)  # before any training step
     result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
@@ -362,33 +363,15 @@ def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
 
 
 def _released_evaluation(task: _Task, context: Context, request: Request) -> dict[str, float]:
-    """Evaluate and return what may leave (:mod:`fedsilo.client.evaluation`).
-
-    Raises
-    ------
-    privacy.DeclinedError
-        If nothing may (not opted in, SecAgg+'s layout, over the cap or the budget).
-    """
-    policy, cfg = task.policy, task.cfg
-    if policy.evaluation == "exact":  # a simulation's virtual institution
-        res = evaluate(task.net, task.test_set, task.device)
-        _journal(task, context, request, "evaluate", num_examples=res.num_examples,
-                 accuracy=res.accuracy)
-        return _eval_metrics(res)
-    if policy.evaluation != "noised" or request.legacy:
-        raise privacy.DeclinedError(evaluation.NOT_RELEASED)
-    released, epsilon = evaluation.release(
-        Ledger.open(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant), task.run,
-        int(request.config.get("server-round", 0)), cfg,
-        policy.delta(cfg.privacy.target_delta, len(task.train_set)), policy.evaluation_noise,
-        lambda: evaluate(task.net, task.test_set, task.device))
-    _journal(task, context, request, "evaluate", released=released, epsilon=epsilon)
-    return released
-
-
-def _eval_metrics(res: EvalResult) -> dict[str, float]:
-    return {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
-            "macro-f1": res.macro_f1}
+    """Evaluate and return what may leave (:func:`fedsilo.client.evaluation.released`)."""
+    cfg = task.cfg
+    metrics, fields = evaluation.released(
+        task.policy, request.legacy, lambda: evaluate(task.net, task.test_set, task.device),
+        lambda: Ledger.open(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant),
+        task.run, int(request.config.get("server-round", 0)), cfg,
+        task.policy.delta(cfg.privacy.target_delta, len(task.train_set)))
+    _journal(task, context, request, "evaluate", **fields)
+    return metrics
 
 
 def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[str, float]:

@@ -93,3 +93,21 @@ def test_the_released_values_do_not_tell_the_target_in_from_out():
         assert len(set(values_in)) > 1 and len(set(values_out)) > 1
         assert min(values_in) < max(values_out) and min(values_out) < max(values_in)
         assert abs(np.mean(values_in) - np.mean(values_out)) < np.std(values_out)
+
+
+def test_opted_in_evaluations_never_make_a_training_round_decline(cfg):
+    """Training's noise is calibrated for the run's training plus one evaluation per round."""
+    for server_round in (1, 2):  # fused evaluation in every train message
+        reply = _send(cfg, "train", server_round, release=True, **{EVALUATE_RECEIVED_KEY: True})
+        assert not reply.has_error()
+        assert {RECEIVED_PREFIX + "accuracy", RECEIVED_PREFIX + "num-examples"} <= \
+            set(reply.content["metrics"])
+    entries = _ledger(cfg)
+    assert sorted((e["kind"], e["round"]) for e in entries) == [
+        ("evaluate", 1), ("evaluate", 2), ("train", 1), ("train", 2)]
+    assert 0 < entries[-1]["epsilon"] <= 5.0  # the whole run, evaluations included
+
+
+def test_release_evaluation_must_be_true_or_false(cfg):
+    reply = _send(cfg, "evaluate", 1, release="maybe")
+    assert reply.has_error() and reply.error.code != DECLINED_CODE  # a failure, generic
