@@ -195,8 +195,8 @@ class Ledger:
         return _history(asdict(e) for e in self.entries if e.run != exclude_run)
 
     def run_history(self, run: int) -> list[tuple[float, float, int]]:
-        """The history of one run's training rounds (what its agreed ε covers)."""
-        return _history(asdict(e) for e in self.entries if e.run == run and e.kind == "train")
+        """The history of one run's releases, training and evaluation (what its agreed ε covers)."""
+        return _history(asdict(e) for e in self.entries if e.run == run)
 
     def restore(self) -> IAccountant:
         """An Opacus accountant holding this dataset's whole history."""

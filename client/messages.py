@@ -9,13 +9,23 @@ order of the trainable tensors; under SecAgg+ the institution replies with its
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
@@ -25,9 +35,68 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedsilo.common.wire import CORRECTION_KEY, INSTITUTION_KEY, named_arrays
+from fedsilo.client.worker import Handler, Origin
+from fedsilo.common.wire import (
+    CORRECTION_KEY,
+    DECLINED_CODE,
+    FAILED_CODE,
+    INSTITUTION_KEY,
+    REFUSED_MODEL_CODE,
+    SECAGG_RANGE_CODE,
+    named_arrays,
+)
 
 log = logging.getLogger(__name__)
+
+
+#: The only text an error reply carries besides a decline's reason: one fixed message
+#: per code, so no path, traceback, count or value derived from the data leaves.
+GENERIC_REASONS = {
+    FAILED_CODE: "failed: this institution could not process the message; the details "
+                 "are in its own log",
+    REFUSED_MODEL_CODE: "refused: the received model is not finite or lies outside the "
+                        "bounds of the approved agreement",
+    SECAGG_RANGE_CODE: "failed: this update is outside the SecAgg+ range or weight the run "
+                       "allows",
+}
+
+
+def error_reply(msg: Message, code: int) -> Message:
+    """An error reply to ``msg`` carrying ``code`` and its fixed generic reason only."""
+    return Message(Error(code=code, reason=GENERIC_REASONS.get(code,
+                                                               GENERIC_REASONS[FAILED_CODE])),
+                   reply_to=msg)
+
+
+def generic_errors(refused: type[Exception]) -> Callable[[Handler], Handler]:
+    """Make a handler answer any failure with a code and its fixed generic reason.
+
+    A decline keeps its reason (terms of the run or the budget, never data); ``refused``
+    (a received model outside the agreed bounds) gets ``REFUSED_MODEL_CODE``; every other
+    error reply, and any exception (a traceback, a data file's path, per-label counts),
+    gets ``FAILED_CODE``. The details go to the institution's own log.
+    """
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def guarded(msg: Message, context: Context, origin: Origin) -> Message:
+            try:
+                reply = handler(msg, context, origin)
+            except refused:
+                log.exception("refused the received model of a %s message",
+                              msg.metadata.message_type)
+                return error_reply(msg, REFUSED_MODEL_CODE)
+            except Exception:  # noqa: BLE001 - the details stay in the institution's log
+                log.exception("the %s message failed", msg.metadata.message_type)
+                return error_reply(msg, FAILED_CODE)
+            if reply.has_error() and reply.error.code != DECLINED_CODE:
+                log.error("the %s message failed: %s", msg.metadata.message_type,
+                          reply.error.reason)
+                return error_reply(msg, reply.error.code)
+            return reply
+
+        return guarded
+
+    return wrap
 
 
 class SecAggRangeError(RuntimeError):

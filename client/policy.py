@@ -44,12 +44,15 @@ DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-exampl
              "seed")
 #: How the institution splits its data: its own setting or the schema's default, never the run's.
 SPLIT_KEYS = ("seed", "test-fraction", "max-examples")
-#: Node-config keys of the institution's privacy policy (the last three: its budget).
+#: Node-config keys of the institution's privacy policy (its budget and what it releases).
 POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp",
-               "lifetime-epsilon", "dataset-id", "state-dir")
+               "lifetime-epsilon", "dataset-id", "state-dir", "release-evaluation",
+               "evaluation-noise")
 #: Lifetime ε of a dataset whose institution sets no ``lifetime-epsilon``: one run at
 #: the default per-run ε of 8 fits, a second one does not.
 DEFAULT_LIFETIME_EPSILON = 10.0
+#: σ of each noised count of a released local evaluation (``evaluation-noise``).
+EVALUATION_NOISE = 20.0
 NAME_KEY = "institution"
 #: Node-config key of the institution's de-identification settings (:meth:`DeidSettings.to_node`).
 DEID_KEY = "deidentify"
@@ -77,6 +80,10 @@ class Policy:
     lifetime_epsilon: float = math.inf
     dataset_id: str = ""
     state_dir: str = ""
+    #: What local evaluation releases: "none", "noised" (``release-evaluation = true``)
+    #: or, for a simulation's virtual institutions only, "exact" (:func:`evaluation_release`).
+    evaluation: str = "none"
+    evaluation_noise: float = EVALUATION_NOISE
 
     def delta(self, requested: float, num_examples: int) -> float:
         """Effective δ: the run's (or automatic) δ, never above the institution's."""
@@ -132,7 +139,9 @@ def institution_config(
                     lifetime_epsilon=float(node.get("lifetime-epsilon",
                                                     DEFAULT_LIFETIME_EPSILON)),
                     dataset_id=str(node.get("dataset-id", "")),
-                    state_dir=str(node.get("state-dir", "")))
+                    state_dir=str(node.get("state-dir", "")),
+                    evaluation=evaluation_release(node, simulated=False),
+                    evaluation_noise=float(node.get("evaluation-noise", EVALUATION_NOISE)))
     if not policy.lifetime_epsilon > 0:
         raise ConfigError("node config: lifetime-epsilon must be > 0; fix it in client.toml")
     return run.replace(**changes), policy
@@ -147,6 +156,22 @@ def _split(run: FedsiloConfig, node: Mapping[str, object]) -> dict[str, object]:
             log.info("the run asks for %s=%s; ignored: this institution splits its data with "
                      "%s=%s (its client.toml, or the default)", key, flat[key], key, value)
     return out
+
+
+def evaluation_release(node: Mapping[str, object], simulated: bool) -> str:
+    """What local evaluation releases for this node config.
+
+    ``noised`` with ``release-evaluation = true``, else ``none``; a simulation's virtual
+    institution (one trust domain, no ``release-evaluation`` in its node config) releases
+    ``exact`` metrics.
+    """
+    if "release-evaluation" not in node:
+        return "exact" if simulated else "none"
+    value = node["release-evaluation"]
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text in ("true", "false"):
+        return "noised" if value is True or text == "true" else "none"
+    raise ConfigError(f"release-evaluation = {value!r} in client.toml: use true or false")
 
 
 def check_deidentify_floor(run: FedsiloConfig, deid: DeidSettings) -> None:

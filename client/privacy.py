@@ -20,6 +20,8 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 History = tuple[tuple[float, float, int], ...]
+#: Upper end of the noise bisection when a run reserves other releases.
+_SIGMA_MAX = 1000.0
 
 
 class DeclinedError(RuntimeError):
@@ -40,6 +42,7 @@ class DPPlan:
     planned_steps: int
     target_epsilon: float
     delta: float
+    reserved: History = ()  # this run's other releases (noised evaluations), within its ε
 
 
 def add_steps(history: list[tuple[float, float, int]], sigma: float, rate: float,
@@ -66,6 +69,7 @@ def plan(
     target_epsilon: float,
     delta: float,
     accountant: str,
+    reserved: History = (),
 ) -> DPPlan:
     """Calibrate the noise multiplier for all planned rounds of one run with Opacus.
 
@@ -73,16 +77,37 @@ def plan(
     ``1 / ceil(n / batch_size)`` and that many steps per epoch (as Opacus's
     ``DPDataLoader`` does). ``target_epsilon`` is the run's agreed ε, spent by this
     run alone: the noise never depends on what earlier runs spent (a dataset whose
-    lifetime budget cannot pay it declines the run, :func:`check_lifetime`).
-    Calibration takes seconds, so results are cached per process.
+    lifetime budget cannot pay it declines the run, :func:`check_lifetime`). ``reserved``
+    is the run's other planned releases (its noised evaluations): with it, the same
+    bisection runs over Opacus's accountant of reserved plus training, so both fit the
+    run's ε together. Calibration takes seconds, so results are cached per process.
+
+    Raises
+    ------
+    BudgetExceededError
+        If the reserved releases alone leave no room for training at any noise level.
     """
     steps_per_epoch = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / steps_per_epoch
     steps_per_round = steps_per_epoch * local_epochs
     planned = steps_per_round * num_rounds
-    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                 sample_rate=sample_rate, steps=planned, accountant=accountant)
-    return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta)
+    if not reserved:
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                     sample_rate=sample_rate, steps=planned,
+                                     accountant=accountant)
+        return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta)
+
+    def fits(s: float) -> bool:
+        return _epsilon((*reserved, (s, sample_rate, planned)), accountant, delta) <= target_epsilon
+
+    if not fits(_SIGMA_MAX):
+        raise BudgetExceededError("declined: budget: this run's agreed ε cannot pay its "
+                                  "planned evaluations and training together")
+    low, sigma = 0.0, _SIGMA_MAX
+    while sigma - low > 0.01 * sigma:
+        mid = (low + sigma) / 2
+        low, sigma = (low, mid) if fits(mid) else (mid, sigma)
+    return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta, reserved)
 
 
 def check_lifetime(prior: History, dp_plan: DPPlan, accountant: str,
@@ -98,7 +123,7 @@ def check_lifetime(prior: History, dp_plan: DPPlan, accountant: str,
     BudgetExceededError
         With a generic reason (the run's agreed ε, nothing about the data).
     """
-    total = add_steps(list(prior), dp_plan.noise_multiplier, dp_plan.sample_rate,
+    total = add_steps([*prior, *dp_plan.reserved], dp_plan.noise_multiplier, dp_plan.sample_rate,
                       dp_plan.planned_steps)
     after = _epsilon(tuple(total), accountant, dp_plan.delta)
     if after > lifetime:

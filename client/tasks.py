@@ -21,7 +21,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
-from fedsilo.client import budget, privacy, replay
+from fedsilo.client import budget, evaluation, privacy, replay
 from fedsilo.client.agreements import check_run
 from fedsilo.client.ledger import dataset_key, keep_update
 from fedsilo.client.messages import (
@@ -29,6 +29,7 @@ from fedsilo.client.messages import (
     SecAggRangeError,
     check_secagg_range,
     evaluate_reply,
+    generic_errors,
     name_arrays,
     read_request,
     released_arrays,
@@ -39,8 +40,10 @@ from fedsilo.client.policy import (
     NAME_KEY,
     Policy,
     PolicyError,
+    evaluation_release,
     institution_config,
 )
+from fedsilo.client.received import ReceivedModelError, check_model
 from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
 from fedsilo.client.worker import Origin
 from fedsilo.common import features, journal
@@ -62,7 +65,7 @@ from fedsilo.common.model import (
     set_trainable_state,
     trainable_names,
 )
-from fedsilo.common.task import EvalResult, evaluate, federation_labels
+from fedsilo.common.task import evaluate, federation_labels
 from fedsilo.common.token_cache import encode_cached
 from fedsilo.common.wire import (
     DECLINED_CODE,
@@ -132,8 +135,11 @@ class _Task:
     deidentify: dict[str, object]  # what was scrubbed: kinds and counts per file, no values
 
 
-def _setup(request: Request, context: Context, origin: Origin) -> _Task:
-    """Resolve settings, load this institution's data and the received global model."""
+def _setup(request: Request, context: Context, origin: Origin, evaluate: bool = False) -> _Task:
+    """Resolve settings, load this institution's data and the received global model.
+
+    The received model is checked (:mod:`fedsilo.client.received`) before it is loaded.
+    """
     configure_logging()
     cfg = FedsiloConfig.from_flat(context.run_config, origin="run config")
     node = context.node_config
@@ -141,7 +147,8 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
         partition = (int(node["partition-id"]), int(node["num-partitions"]))
         # A virtual institution scrubs what the run's floor asks (--deidentify: every kind).
         name = ""
-        policy = Policy(deidentify=DeidSettings(kinds=cfg.privacy.deidentify_floor))
+        policy = Policy(deidentify=DeidSettings(kinds=cfg.privacy.deidentify_floor),
+                        evaluation=evaluation_release(node, simulated=True))
     else:  # a real institution: its node config holds its data and privacy policy
         if not node.get(LEDGER_KEY):  # approved agreements live beside the ledger
             raise PolicyError("this SuperNode's node config names no ledger-dir; start it "
@@ -160,6 +167,9 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
         fingerprint = dataset_key(policy.dataset_id, [], [])
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
     received = name_arrays(request, trainable_names(model))
+    run = int(request.config.get(RUN_KEY, context.run_id))
+    check_model(cfg, int(request.config.get("server-round", 1)), evaluate, model, received,
+                _journal_dir(cfg, policy, run, data.name) / "journal.jsonl")
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()})
     device = resolve_device(cfg.model.device)
     loaded = time.perf_counter()
@@ -167,8 +177,7 @@ def _setup(request: Request, context: Context, origin: Origin) -> _Task:
     timings = {"seconds-data": prepared - started, "seconds-model": loaded - prepared,
                "seconds-features": time.perf_counter() - loaded}
     return _Task(cfg, policy, data, fingerprint, train_in, test_in, model, net, device,
-                 received, timings, int(request.config.get(RUN_KEY, context.run_id)),
-                 deidentify)
+                 received, timings, run, deidentify)
 
 
 def _ledger_dir(task: _Task) -> Path:
@@ -177,8 +186,12 @@ def _ledger_dir(task: _Task) -> Path:
     A deployed institution keeps it in its own folder; a virtual institution of a
     simulation keeps one per run in the output folder.
     """
-    return Path(task.policy.ledger_dir) if task.policy.ledger_dir else (
-        Path(task.cfg.federation.output_dir) / "ledgers" / f"run-{task.run}" / task.data.name)
+    return _journal_dir(task.cfg, task.policy, task.run, task.data.name)
+
+
+def _journal_dir(cfg: FedsiloConfig, policy: Policy, run: int, name: str) -> Path:
+    return Path(policy.ledger_dir) if policy.ledger_dir else (
+        Path(cfg.federation.output_dir) / "ledgers" / f"run-{run}" / name)
 
 
 def _release(task: _Task, request: Request, context: Context) -> dict[str, np.ndarray]:
@@ -223,6 +236,7 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
         num_examples=n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
         num_rounds=cfg.federation.num_rounds, target_epsilon=cfg.privacy.target_epsilon,
         delta=delta, accountant=cfg.privacy.accountant,
+        reserved=tuple(evaluation.reserve([], task.policy, cfg.federation.num_rounds)),
     )
     budget.admit(ledger, dp_plan, run, task.data.name)  # before any training step
     result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
@@ -278,6 +292,7 @@ def _uniform_weight(cfg: FedsiloConfig) -> dict[str, float]:
     return {UNIFORM_WEIGHT_KEY: 1.0} if client_level else {}
 
 
+@generic_errors(ReceivedModelError)
 def train(msg: Message, context: Context, origin: Origin) -> Message:
     """Train the received global tensors locally and reply with the update.
 
@@ -332,25 +347,36 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
     return reply
 
 
+@generic_errors(ReceivedModelError)
 def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
-    """Evaluate the received global tensors on the institution's held-out data."""
+    """Evaluate the received global tensors on the institution's held-out data.
+
+    What leaves is :func:`_released_evaluation`'s: nothing (declined), noised counts, or
+    a simulation's exact metrics.
+    """
     request = read_request(msg)
     try:
-        task = _setup(request, context, origin)
+        task = _setup(request, context, origin, evaluate=True)
+        metrics = _released_evaluation(task, context, request)
     except privacy.DeclinedError as err:
         log.warning("%s: %s", _name(context), err)
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
-    res = evaluate(task.net, task.test_set, task.device)
-    _journal(task, context, request, "evaluate", num_examples=res.num_examples,
-             accuracy=res.accuracy)
     return evaluate_reply(msg, request, task.data.name,
-                          {**_eval_metrics(res), **_uniform_weight(task.cfg)})
+                          {**metrics, **_uniform_weight(task.cfg)})
 
 
-def _eval_metrics(res: EvalResult) -> dict[str, float]:
-    return {"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
-            "macro-f1": res.macro_f1}
+def _released_evaluation(task: _Task, context: Context, request: Request) -> dict[str, float]:
+    """Evaluate and return what may leave (:func:`fedsilo.client.evaluation.released`)."""
+    cfg = task.cfg
+    metrics, fields = evaluation.released(
+        task.policy, request.legacy, lambda: evaluate(task.net, task.test_set, task.device),
+        lambda: budget.open_ledger(_ledger_dir(task), task.fingerprint,
+                                   cfg.privacy.accountant, task.policy),
+        task.run, int(request.config.get("server-round", 0)), cfg,
+        task.policy.delta(cfg.privacy.target_delta, len(task.train_set)))
+    _journal(task, context, request, "evaluate", **fields)
+    return metrics
 
 
 def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[str, float]:
@@ -361,10 +387,12 @@ def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[
     """
     if request.legacy or not request.config.get(EVALUATE_RECEIVED_KEY):
         return {}
-    res = evaluate(task.net, task.test_set, task.device)
-    _journal(task, context, request, "evaluate-received", num_examples=res.num_examples,
-             accuracy=res.accuracy)
-    return {RECEIVED_PREFIX + k: v for k, v in _eval_metrics(res).items()}
+    try:
+        released = _released_evaluation(task, context, request)
+    except privacy.DeclinedError as err:  # training goes on without it
+        log.info("%s: %s", task.data.name, err)
+        return {}
+    return {RECEIVED_PREFIX + k: v for k, v in released.items()}
 
 
 def _journal(task: _Task, context: Context, request: Request, event: str,

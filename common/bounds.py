@@ -77,3 +77,46 @@ def max_sgd_change(learning_rate: float, steps: int, num_examples: int, batch_si
     per_step = learning_rate * (max_grad_norm * (num_examples + NOISE_SIGMAS * noise_multiplier)
                                 / batch_size + largest_correction)
     return SLACK * steps * per_step
+
+
+#: Betas of the coordinator's FedAdam (Flower's defaults, which fedsilo's coordinator keeps).
+SERVER_ADAM_BETAS = (0.9, 0.99)
+#: Largest difference allowed between the received round-1 model and the agreed initial
+#: model each side builds from the pinned checkpoint and seed: another torch build may
+#: initialise a new head differently (its entries are about N(0, 0.02)).
+INITIAL_TOLERANCE = 1.0
+
+
+def max_server_step(strategy: str, average_change: float, server_learning_rate: float,
+                    server_momentum: float) -> float:
+    """Largest change of one coordinate one aggregation of the coordinator's strategy makes.
+
+    ``average_change`` bounds a coordinate of every institution's update, hence of
+    their weighted average (FedAvg). FedAvgM and SCAFFOLD keep a velocity
+    ``m·v + Δ`` (at most ``Δ / (1 − m)``). FedAdam moves by ``η_t · m / (√v + τ)``,
+    with ``|m| / √v ≤ (1 − β1) / (√(1 − β2) (1 − β1 / √β2))`` whatever the updates and
+    ``η_t ≤ η / (1 − β1²)`` from round 1 on.
+    """
+    if strategy == "fedadam":
+        b1, b2 = SERVER_ADAM_BETAS
+        ratio = (1 - b1) / (math.sqrt(1 - b2) * (1 - b1 / math.sqrt(b2)))
+        return SLACK * server_learning_rate * ratio / (1 - b1 ** 2)
+    if strategy in ("fedavgm", "scaffold"):
+        return average_change / (1 - server_momentum)
+    return average_change
+
+
+def max_received_distance(aggregations: int, learning_rate: float, steps: int,
+                          initial_largest: float, strategy: str, server_learning_rate: float,
+                          server_momentum: float) -> float:
+    """Largest L∞ distance of a global model from the agreed initial one after ``aggregations``.
+
+    Each round every institution's AdamW update moves a coordinate at most
+    :func:`max_coordinate_change` (its weight-decay term grows with the weights, so the
+    bound is accumulated round by round); the strategy's step is :func:`max_server_step`.
+    """
+    distance = INITIAL_TOLERANCE
+    for _ in range(max(aggregations, 0)):
+        change = max_coordinate_change(learning_rate, steps, initial_largest + distance)
+        distance += max_server_step(strategy, change, server_learning_rate, server_momentum)
+    return distance

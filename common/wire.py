@@ -11,6 +11,12 @@ INSTITUTION_KEY = "institution"
 DECLINED_CODE = 4100
 #: Error code of a reply whose update SecAgg+ could not represent (range, weight).
 SECAGG_RANGE_CODE = 4101
+#: Error code of a reply to a message the institution could not process; the
+#: details stay in the institution's own log, never in the reply.
+FAILED_CODE = 4102
+#: Error code of a reply refusing a received model that is not finite or lies outside
+#: the agreed bounds (:mod:`fedsilo.client.received`); the institution journals it.
+REFUSED_MODEL_CODE = 4103
 #: Metric every reply carries under client-level DP: Flower's accountant needs a
 #: uniform average, so each institution weighs 1.
 UNIFORM_WEIGHT_KEY = "uniform-weight"

@@ -82,8 +82,10 @@ def test_kinds_are_separate_and_each_release_is_recorded_once(tmp_path):
         _ledger(tmp_path).record(1, 1, 10, 0.1, 1.0, 1e-5)
     with pytest.raises(ValueError, match="kind"):
         ledger.record(1, 2, 10, 0.1, 1.0, 1e-5, kind="other")
-    assert ledger.run_history(1) == [(1.0, 0.1, 10)]  # the run's ε covers its training
-    assert ledger.spent(1e-5) > ledger.run_spent(1, 1e-5)  # the lifetime counts both
+    # the run's agreed ε covers its training and its noised evaluations
+    assert ledger.run_history(1) == [(1.0, 0.1, 10), (5.0, 1.0, 1)]
+    ledger.record(2, 1, 10, 0.1, 1.0, 1e-5)
+    assert ledger.spent(1e-5) > ledger.run_spent(1, 1e-5)  # the lifetime counts every run
 
 
 def test_three_numbers(tmp_path):
