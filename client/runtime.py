@@ -118,7 +118,8 @@ def run_task(address: str, token: str, ledger_dir: Path) -> bool:
     except (httpx.HTTPError, RuntimeError) as err:
         log.error("runtime API: the task could not be completed (%s)", err)
     finally:
-        beats.stop()
+        if beats.is_running:
+            beats.stop()
         push_task_output(client=client, context=context, sub_status=status, details=details)
         client.close()
     return ran
@@ -136,7 +137,10 @@ def serve(address: str, ledger_dir: Path, poll: float) -> None:
             log.debug("runtime API not answering yet (%s)", err)
             acquired = None
         if acquired is not None and acquired.HasField("task") and acquired.token:
-            run_task(address, acquired.token, ledger_dir)
+            try:
+                run_task(address, acquired.token, ledger_dir)
+            except Exception:  # noqa: BLE001 - one broken task must not stop the node
+                log.exception("runtime: task of run %s failed", acquired.task.run_id)
             continue
         time.sleep(poll)
 
