@@ -37,7 +37,12 @@ from fedsilo.client.keys import TrustError, check_ca, check_private_key, keygen
 from fedsilo.client.ledger import LedgerError
 from fedsilo.client.length_check import before_approval, length_check
 from fedsilo.client.policy import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
-from fedsilo.client.runtime_launch import run_supernode, start_runtime
+from fedsilo.client.runtime_launch import (
+    make_secret,
+    remove_secret,
+    run_supernode,
+    start_runtime,
+)
 from fedsilo.common.agreement import AgreementError
 from fedsilo.common.certs import key_fingerprint
 from fedsilo.common.config import (
@@ -328,11 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     terminate_on_sigterm()
     port = int(settings.get("runtime-port") or free_port())
-    runtime = start_runtime(port, Path(settings[LEDGER_KEY]))  # takes every task
+    secret = make_secret()  # only fedsilo's runtime may take the SuperNode's tasks
+    runtime = start_runtime(port, Path(settings[LEDGER_KEY]), secret)
     deadline = time.monotonic() + args.admission_wait
     try:
         while True:
-            code, refused = run_supernode(settings, port)
+            code, refused = run_supernode(settings, port, secret, runtime)
             if not refused or settings.get("insecure") or time.monotonic() >= deadline:
                 break
             log.warning("%s is not admitted yet (the coordinator may still be registering "
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(ADMISSION_RETRY)
     finally:
         stop_group(runtime)
+        remove_secret(secret)
     if refused and not settings.get("insecure"):
         log.error("the coordinator at %s refused to admit %s: its node key (%s) is not on the "
                   "coordinator's allow-list. Send the coordinator this institution's public "

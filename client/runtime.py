@@ -33,7 +33,11 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
@@ -53,12 +57,18 @@ REFUSED = ("declined: this institution runs only its own installed fedsilo, for 
 #: What a failed message's reply carries; the details stay in the institution's log.
 FAILED = "the institution could not run this message; details are in its own log"
 _COMPONENT = "flwr-clientapp"  # the runtime API's name for what takes ClientApp tasks
+_ACQUIRE = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # what the shared secret signs
 
 
-def _client(address: str, token: str | None = None) -> RuntimeHttpClient:
+def _client(address: str, token: str | None = None,
+            secret: bytes | None = None) -> RuntimeHttpClient:
+    """A runtime API client: with a task's ``token``, or signing AcquireTask with ``secret``."""
     interceptors: list = [RuntimeVersionHttpInterceptor(component_name=_COMPONENT)]
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                         protected_methods=_ACQUIRE))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
@@ -125,9 +135,13 @@ def run_task(address: str, token: str, ledger_dir: Path) -> bool:
     return ran
 
 
-def serve(address: str, ledger_dir: Path, poll: float) -> None:
-    """Take the SuperNode's ClientApp tasks at ``address`` one at a time, forever."""
-    client = _client(address)
+def serve(address: str, ledger_dir: Path, poll: float, secret: bytes | None = None) -> None:
+    """Take the SuperNode's ClientApp tasks at ``address`` one at a time, forever.
+
+    With ``secret`` (the SuperNode's ``--superexec-auth-secret-file``) the SuperNode
+    hands tasks to no other local process.
+    """
+    client = _client(address, secret=secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     log.info("fedsilo runtime serving the SuperNode's runtime API at %s", address)
     while True:
@@ -151,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("address", help="the SuperNode's runtime API, HOST:PORT on loopback")
     parser.add_argument("--ledger-dir", type=Path, required=True,
                         help="the institution's ledger folder (approved agreements, journal)")
+    parser.add_argument("--secret-file", type=Path, default=None,
+                        help="the secret the SuperNode checks before handing out a task")
     parser.add_argument("--parent", type=int, default=None,
                         help="exit when this process (flower-client) is gone")
     args = parser.parse_args(argv)
@@ -159,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         start_parent_process_monitor(args.parent)
     name, default = SUPEREXEC_POLL
     try:
-        serve(args.address, args.ledger_dir, float(os.environ.get(name, default)))
+        serve(args.address, args.ledger_dir, float(os.environ.get(name, default)),
+              args.secret_file.read_bytes() if args.secret_file else None)
     except KeyboardInterrupt:
         log.info("fedsilo runtime: flower-client is gone; stopping")
 

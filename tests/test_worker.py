@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from support import closed_port
 
 from fedsilo.client import tasks
 from fedsilo.client.runtime_bundle import (
@@ -19,10 +21,11 @@ from fedsilo.client.runtime_bundle import (
     current_origin,
     serving,
 )
+from fedsilo.client.runtime_launch import make_secret, remove_secret, run_supernode
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
 from fedsilo.common.integrity import app_sha256
-from fedsilo.common.processes import BIN, child_env
+from fedsilo.common.processes import BIN, child_env, free_port
 from fedsilo.server.launch import write_thin_app
 
 
@@ -69,6 +72,20 @@ def test_outside_the_runtime_a_deployed_institution_sees_no_checked_bundle():
     with serving(Origin(0.5, "f" * 64)):
         assert current_origin() == Origin(0.5, "f" * 64)
     assert current_origin().app_sha256 is None
+
+
+def test_the_node_stops_with_a_clear_error_when_the_runtime_dies(tmp_path, logs):
+    settings = {"institution": "h", "superlink": f"127.0.0.1:{closed_port()}", "data": "d.csv",
+                "insecure": True, "ledger-dir": str(tmp_path / "ledger")}
+    secret = make_secret()
+    assert secret.stat().st_mode & 0o777 == 0o600 and secret.parent.stat().st_mode & 0o777 == 0o700
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    try:
+        code, refused = run_supernode(settings, free_port(), secret, dead)
+    finally:
+        remove_secret(secret)
+    assert (code, refused) == (3, False) and not secret.parent.exists()
+    assert "fedsilo's runtime stopped (exit 1)" in logs.text
 
 
 def test_a_changed_data_file_is_reloaded_by_a_long_lived_process(tmp_path):

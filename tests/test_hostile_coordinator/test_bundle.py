@@ -20,10 +20,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fedsilo.client import cli as client_cli
-from fedsilo.common.processes import BIN, child_env
+from fedsilo.common.processes import BIN, child_env, free_port
 from fedsilo.common.wire import DECLINED_CODE
 from fedsilo.server import cli as server_cli
 from fedsilo.server.launch import SuperLink
@@ -124,15 +125,16 @@ def node(tmp_path_factory, tiny_bert):
     link = SuperLink(root / "link", ["--insecure"])
     link.start()
     env = child_env(FLWR_HOME=str(root / "flwr-home"), OMP_NUM_THREADS="1")
-    log = root / "client.log"
+    log, runtime_port = root / "client.log", free_port()
     with log.open("wb") as out:
         client = subprocess.Popen(
             [str(BIN / "flower-client"), "--config", str(site / "client.toml"), "--insecure",
              "--superlink", f"127.0.0.1:{link.port}", "--data", str(data), "--model",
-             str(tiny_bert)], env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+             str(tiny_bert), "--runtime-port", str(runtime_port)], env=env, stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        yield {"root": root, "site": site, "link": link, "client": client, "log": log}
+        yield {"root": root, "site": site, "link": link, "client": client, "log": log,
+               "runtime_port": runtime_port}
     finally:
         _stop(client)
         link.stop()
@@ -190,3 +192,19 @@ def test_a_bundle_shipping_its_own_fedsilo_package_is_refused(node, tmp_path):
         "fedsilo/client/client_app.py": _CLIENT,
         "opacus/__init__.py": _CLIENT})
     _check_refused(node, replies, marker, fab)
+
+
+def test_no_other_local_process_can_take_the_nodes_tasks(node):
+    """The SuperNode hands tasks only to the holder of flower-client's private secret."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=f"127.0.0.1:{node['runtime_port']}", insecure=True,
+        root_certificates=None, interceptors=[])
+    try:
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+    finally:
+        client.close()
+    assert refused.value.response.status_code in (401, 403)
