@@ -17,12 +17,11 @@ evaluate message (a ClientApp process, local evaluation; with fused evaluation o
 after the last round) and the coordinator's remainder (centralized evaluation,
 metrics, checkpoint). "Overhead" is everything but training.
 
-The deployment runs three times in one go, each from fresh kits and caches: with
-``flower-client``'s warm worker and fused evaluation (the defaults: messages run in
-one long-lived process per institution, one message per round), with
-``--no-warm-worker`` (Flower's default: a new process with all imports for every
-message), and warm with ``flower-server --no-fused-evaluation`` (an evaluate message
-after every round, Flower's way). Round 1 computes the frozen
+The deployment runs twice in one go, each from fresh kits and caches: with fused
+evaluation (the default: one message per round) and with ``flower-server
+--no-fused-evaluation`` (an evaluate message after every round, Flower's way); in
+both, every message runs in fedsilo's runtime, one long-lived process per
+institution. Round 1 computes the frozen
 encoder's features once per dataset; rounds 2+ are the steady state a longer run
 repeats.
 
@@ -56,9 +55,8 @@ COLUMNS = (*PARTS, "transfer", "aggregation", "evaluate", "coordinator")
 TARGET_OVERHEAD = 0.10
 Timeline = dict[tuple[str, int], float]
 NAMES = ("hospital-a", "hospital-b")
-#: warm worker and fused evaluation (defaults); a process per message; warm, with an
-#: evaluate message after every round
-MODES = ("warm", "cold", "separate-eval")
+#: fused evaluation (the default); an evaluate message after every round
+MODES = ("warm", "separate-eval")
 SEED = 42  # the demo's --seed
 DEMO_INSTITUTIONS = 3  # the demo splits ICD-10 three ways; these are its first two shares
 
@@ -108,8 +106,7 @@ def run_deployment(root: Path, args: argparse.Namespace,
     server = subprocess.Popen(server_cmd, env=server_env, stdout=logs[0], stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, start_new_session=True)
     clients = [subprocess.Popen([str(BIN / "flower-client"), "--config",
-                                 str(pki.kits[n] / "client.toml"), "--data", str(data[n]),
-                                 *(["--no-warm-worker"] if mode == "cold" else [])],
+                                 str(pki.kits[n] / "client.toml"), "--data", str(data[n])],
                                 env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
                for n, log in zip(NAMES, logs[1:], strict=True)]
@@ -214,8 +211,6 @@ def main() -> None:
     steady = {m: d["steady"] for m, d in modes.items()}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     doc = {"settings": settings, "modes": modes,
-           "steady_round_seconds_warm_over_cold": (steady["warm"]["wall_seconds"]
-                                                   / steady["cold"]["wall_seconds"]),
            "steady_round_seconds_warm_over_separate_eval": (
                steady["warm"]["wall_seconds"] / steady["separate-eval"]["wall_seconds"]),
            "target": {"overhead_share_limit": TARGET_OVERHEAD,

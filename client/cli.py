@@ -24,23 +24,25 @@ import json
 import logging
 import socket
 import ssl
-import subprocess
 import sys
-import threading
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedsilo.client import worker
 from fedsilo.client.agreements import approve, summary
-from fedsilo.client.dashboard import render
 from fedsilo.client.deid_report import deid_preview, deid_settings, deidentify_check
 from fedsilo.client.keys import TrustError, check_ca, check_private_key, keygen
 from fedsilo.client.ledger import LedgerError
 from fedsilo.client.ledger_cli import ledger_main, show
 from fedsilo.client.length_check import before_approval, length_check
 from fedsilo.client.policy import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
+from fedsilo.client.runtime_launch import (
+    make_secret,
+    remove_secret,
+    run_supernode,
+    start_runtime,
+)
 from fedsilo.common.agreement import AgreementError
 from fedsilo.common.certs import key_fingerprint
 from fedsilo.common.config import (
@@ -48,20 +50,16 @@ from fedsilo.common.config import (
     ConfigError,
     FedsiloConfig,
     ModelConfig,
-    config_args,
     parse_labels,
 )
 from fedsilo.common.data import DataError, LabelMap, load_records
 from fedsilo.common.deidentify import DeidSettings
-from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
-from fedsilo.common.processes import BIN, child_env, free_port, stop_group, terminate_on_sigterm
+from fedsilo.common.processes import free_port, stop_group, terminate_on_sigterm
 
 log = logging.getLogger("fedsilo.client")
 
-#: What Flower's SuperNode prints when the SuperLink does not know its key.
-NOT_ADMITTED = "Failed to activate SuperNode"
 ADMISSION_RETRY = 10.0  # seconds between attempts to join while not admitted
 CONNECTION_KEYS = ("superlink", "root-certificates", "ca-sha256", "auth-private-key", "insecure")
 CHECK_KEYS = ("labels", "model", "runtime-port")
@@ -202,23 +200,6 @@ def check_tls(superlink: str, ca_file: str, timeout: float = 10.0) -> None:
                     superlink, err)
 
 
-def supernode_command(settings: dict[str, Any], runtime_port: int,
-                      worker_socket: Path | None = None) -> list[str]:
-    """The ``flower-supernode`` command line for these settings."""
-    keys = (NAME_KEY, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY)
-    node = {k: settings[k] for k in keys if k in settings}
-    node[DEID_KEY] = settings.get(DEID_KEY, DeidSettings()).to_node()
-    if worker_socket is not None:
-        node[worker.SOCKET_KEY] = str(worker_socket)
-    cmd = [str(BIN / "flower-supernode"), "--superlink", str(settings["superlink"]),
-           "--node-config", config_args(node),
-           "--port", str(runtime_port)]
-    if settings.get("insecure"):
-        return [*cmd, "--insecure"]
-    return [*cmd, "--root-certificates", settings["root-certificates"],
-            "--auth-supernode-private-key", settings["auth-private-key"]]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (each overrides the same key of client.toml)."""
     parser = argparse.ArgumentParser(
@@ -236,9 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--admission-wait", type=float, default=120.0, metavar="SECONDS",
                         help="keep retrying this long while the coordinator does not admit "
                         "this institution yet (it may still be registering keys)")
-    parser.add_argument("--no-warm-worker", action="store_true",
-                        help="run every message in its own ClientApp process (Flower's "
-                        "default) instead of one long-lived worker")
     for key in ALL_KEYS:
         kind = (int if key in ("runtime-port", "seed") else float
                 if key in (*POLICY_KEYS[:3], "lifetime-epsilon") else None)
@@ -358,19 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return 0
     terminate_on_sigterm()
-    helper, sock = (None, None) if args.no_warm_worker else worker.start(child_env())
+    port = int(settings.get("runtime-port") or free_port())
+    secret = make_secret()  # only fedsilo's runtime may take the SuperNode's tasks
+    runtime = start_runtime(port, Path(settings[LEDGER_KEY]), secret)
     deadline = time.monotonic() + args.admission_wait
     try:
         while True:
-            code, refused = _run_supernode(settings, sock)
+            code, refused = run_supernode(settings, port, secret, runtime)
             if not refused or settings.get("insecure") or time.monotonic() >= deadline:
                 break
             log.warning("%s is not admitted yet (the coordinator may still be registering "
                         "institutions); retrying in %.0f s", settings[NAME_KEY], ADMISSION_RETRY)
             time.sleep(ADMISSION_RETRY)
     finally:
-        if helper is not None and sock is not None:
-            worker.stop(helper, sock)
+        stop_group(runtime)
+        remove_secret(secret)
     if refused and not settings.get("insecure"):
         log.error("the coordinator at %s refused to admit %s: its node key (%s) is not on the "
                   "coordinator's allow-list. Send the coordinator this institution's public "
@@ -378,34 +358,3 @@ def main(argv: list[str] | None = None) -> int:
                   "and compare that fingerprint with it.", settings["superlink"],
                   settings[NAME_KEY], key_fingerprint(Path(settings["auth-private-key"])))
     return code
-
-
-def _run_supernode(settings: dict[str, Any], sock: Path | None) -> tuple[int, bool]:
-    """Run the SuperNode until it exits or is stopped; return (exit code, refused)."""
-    cmd = supernode_command(settings, int(settings.get("runtime-port") or free_port()), sock)
-    log.info("joining the federation at %s", settings["superlink"])
-    proc = subprocess.Popen(cmd, env=child_env(), start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, errors="replace")
-    seen: list[str] = []
-
-    def relay() -> None:  # pass the SuperNode's output through, watching for a refusal
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if NOT_ADMITTED in line:
-                seen.append(line)
-
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    try:
-        with live_view(lambda: render(Path(settings[LEDGER_KEY]), str(settings[NAME_KEY]),
-                                      settings.get("target-epsilon"))):
-            code = proc.wait()
-    except KeyboardInterrupt:
-        log.info("stopping the SuperNode")
-        code = 130
-    stop_group(proc)  # also ends helpers the SuperNode started (they hold the pipe)
-    reader.join(5)
-    return code, bool(seen)
-

@@ -35,7 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedsilo.client.worker import Handler, Origin
+from fedsilo.client.runtime_bundle import Origin
 from fedsilo.common.wire import (
     CORRECTION_KEY,
     DECLINED_CODE,
@@ -47,6 +47,9 @@ from fedsilo.common.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+#: What handles one message at the institution (:mod:`fedsilo.client.tasks`).
+Handler = Callable[[Message, Context, Origin], Message]
 
 
 #: The only text an error reply carries besides a decline's reason: one fixed message

@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedsilo.client.privacy import DeclinedError
-from fedsilo.client.worker import SOCKET_KEY
 from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
@@ -104,7 +103,7 @@ def institution_config(
         If a node-config value is invalid.
     """
     unknown = (set(node) - set(DATA_KEYS) - set(POLICY_KEYS)
-               - {NAME_KEY, LEDGER_KEY, SOCKET_KEY, DEID_KEY})  # the last is set by flower-client
+               - {NAME_KEY, LEDGER_KEY, DEID_KEY})  # the last is set by flower-client
     if unknown:
         raise ConfigError(f"node config: unknown setting(s) {sorted(unknown)}")
     if NAME_KEY not in node or "data" not in node:

@@ -1,8 +1,7 @@
 """One institution's work for each ClientApp message: DP-SGD training and local evaluation.
 
-:mod:`fedsilo.client.client_app` calls these in its own process, or forwards the
-message to the institution's warm worker (:mod:`fedsilo.client.worker`), which calls
-them there.
+:mod:`fedsilo.client.client_app` calls these, at an institution inside fedsilo's
+runtime (:mod:`fedsilo.client.runtime`), a long-lived process.
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ from fedsilo.client.policy import (
     institution_config,
 )
 from fedsilo.client.received import ReceivedModelError, check_model
+from fedsilo.client.runtime_bundle import Origin
 from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
-from fedsilo.client.worker import Origin
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.datasets import (
@@ -55,7 +54,6 @@ from fedsilo.common.datasets import (
     simulated_institution,
 )
 from fedsilo.common.deidentify import DeidSettings, scrubber_for
-from fedsilo.common.integrity import app_sha256
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import (
     get_trainable_state,
@@ -95,8 +93,8 @@ def _prepared(
 ) -> tuple[InstitutionData, TensorDataset, TensorDataset, str, dict[str, object]]:
     """Load, fingerprint, de-identify and tokenise (through the on-disk caches) once per process.
 
-    ``stamp`` (:func:`_stamp`) is part of the key: a long-lived process (the warm
-    worker) reloads a data file that changed between messages. The fingerprint (the
+    ``stamp`` (:func:`_stamp`) is part of the key: a long-lived process (the
+    runtime) reloads a data file that changed between messages. The fingerprint (the
     ledger's key) is taken on the raw records before any split, so neither the split
     nor scrubbing changes the budget; everything after it (tokens, features,
     evaluation) sees only scrubbed text.
@@ -153,8 +151,7 @@ def _setup(request: Request, context: Context, origin: Origin, evaluate: bool = 
         if not node.get(LEDGER_KEY):  # approved agreements live beside the ledger
             raise PolicyError("this SuperNode's node config names no ledger-dir; start it "
                               "with `flower-client --config client.toml`, which passes it")
-        bundle = app_sha256(origin.app_dir) if origin.app_dir else None
-        check_run(cfg, Path(str(node[LEDGER_KEY])), bundle)  # before any data is read
+        check_run(cfg, Path(str(node[LEDGER_KEY])), origin.app_sha256)  # before any data is read
         cfg, policy = institution_config(cfg, node)
         partition, name = None, str(node.get(NAME_KEY, f"node-{context.node_id}"))
     # The institution's own folder (beside its ledger), or the simulation's output.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -29,7 +28,7 @@ _DIGESTS: dict[Path, tuple[tuple[int, ...], bytes]] = {}
 def file_sha256(path: Path) -> bytes:
     """SHA-256 of one file, reused while its size, inode, mtime and ctime are unchanged.
 
-    A long-lived process (the institution's warm worker) checks the same model files
+    A long-lived process (the institution's runtime) checks the same model files
     before every round; rereading 90 MB each time cost 0.13–0.18 s. Any write to the
     file changes its ctime, which no unprivileged process can set back.
     """
@@ -90,15 +89,3 @@ def app_sha256(folder: Path) -> str:
     sha.update(_files_sha256(folder, others).encode())
     return sha.hexdigest()
 
-
-def installed_app_dir() -> Path | None:
-    """The Flower app bundle this process's ClientApp was loaded from, if any.
-
-    Flower installs each bundle under ``$FLWR_HOME/apps/`` and puts its folder on
-    ``sys.path`` before loading the ClientApp.
-    """
-    for entry in sys.path:
-        folder = Path(entry)
-        if folder.parent.name == "apps" and (folder / "pyproject.toml").is_file():
-            return folder
-    return None

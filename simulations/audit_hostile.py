@@ -39,7 +39,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsilo.client import tasks
 from fedsilo.client.ledger import Ledger
 from fedsilo.client.received import received_bound
-from fedsilo.client.worker import Origin
+from fedsilo.client.runtime_bundle import Origin
 from fedsilo.common import audit as canary_audit
 from fedsilo.common import features
 from fedsilo.common.config import DEFAULT_MODEL, FedsiloConfig, ModelConfig

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from fedsilo.client.cli import ClientSetupError, load_client_config, supernode_command
+from fedsilo.client.cli import ClientSetupError, load_client_config
+from fedsilo.client.runtime_launch import supernode_command
 from fedsilo.common.deidentify import DeidSettings
 
 

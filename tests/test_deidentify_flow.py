@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from make_identifiers import KINDS, planted_notes
 from transformers import AutoTokenizer
 
-from fedsilo.client import cli, client_app, tasks
+from fedsilo.client import cli, client_app, runtime_launch, tasks
 from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
@@ -178,7 +178,7 @@ def test_node_config_carries_the_settings_intact():
 
     deid = DeidSettings.model_validate(
         {"kinds": ["email"], "patterns": [{"name": "ward", "regex": "Ward \"?'\\d+ x"}]})
-    cmd = cli.supernode_command({"institution": "h", "superlink": "x:1", "data": "d.csv",
+    cmd = runtime_launch.supernode_command({"institution": "h", "superlink": "x:1", "data": "d.csv",
                                  "insecure": True, "deidentify": deid}, 9999)
     node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
     assert DeidSettings.from_node(node["deidentify"]) == deid

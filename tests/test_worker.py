@@ -1,92 +1,91 @@
-"""The warm worker runs ClientApp messages in one long-lived process, or falls back."""
+"""The runtime's bundle check and what a long-lived process needs (warm caches, polling)."""
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from support import closed_port
 
-from fedsilo.client import client_app, tasks, worker
+from fedsilo.client import tasks
+from fedsilo.client.runtime_bundle import (
+    BundleError,
+    Origin,
+    approved,
+    bundle_sha256,
+    current_origin,
+    serving,
+)
+from fedsilo.client.runtime_launch import make_secret, remove_secret, run_supernode
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
-from fedsilo.common.model import get_trainable_state, load_model
-from fedsilo.common.processes import child_env
-from fedsilo.common.task import federation_labels
-from fedsilo.common.wire import FAILED_CODE
-
-pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
+from fedsilo.common.integrity import app_sha256
+from fedsilo.common.processes import BIN, child_env, free_port
+from fedsilo.server.launch import write_thin_app
 
 
-@pytest.fixture(scope="module")
-def running():
-    """One real worker process for the module's tests."""
-    proc, sock = worker.start(child_env())
-    assert sock.exists() and proc.poll() is None
-    assert sock.stat().st_mode & 0o777 == 0o600 and sock.parent.stat().st_mode & 0o777 == 0o700
-    yield proc, sock
-    worker.stop(proc, sock)
-    assert proc.poll() is not None and not sock.parent.exists()
+def _app(folder: Path, **files: str) -> Path:
+    cfg = FedsiloConfig.from_flat({"labels": '["a", "b"]'})
+    write_thin_app(folder, cfg)
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
 
 
-def _cfg(tiny_bert: Path, out: Path, **extra: object) -> FedsiloConfig:
-    return FedsiloConfig.from_flat({
-        "output-dir": str(out), "model": str(tiny_bert), "max-examples": 60,
-        "batch-size": 20, "num-rounds": 2, "holdout-fraction": 0.0, "partition": "iid",
-        "max-length": 16, **extra})
+def _fab(folder: Path, out: Path) -> bytes:
+    out.mkdir()
+    done = subprocess.run([str(BIN / "flwr"), "build", "--app", str(folder)], cwd=out,
+                          capture_output=True, text=True, env=child_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    (fab,) = out.glob("*.fab")
+    return fab.read_bytes()
 
 
-def _call(cfg: FedsiloConfig, kind: str, sock: Path | None,
-          model: str | None = None) -> tuple[Message, list[str]]:
-    state = get_trainable_state(load_model(cfg.model, federation_labels(cfg), cfg.train.seed))
-    msg = Message(RecordDict({"arrays": ArrayRecord(state),
-                              "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=7, message_type=kind)
-    node: dict[str, str | int] = {"partition-id": 0, "num-partitions": 2}
-    if sock is not None:
-        node[worker.SOCKET_KEY] = str(sock)
-    run_config = cfg.to_flat() | ({"model": model} if model else {})
-    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
-                      run_config=run_config)
-    handler = client_app.train if kind == "train" else client_app.evaluate_local
-    return handler(msg, context), list(state)
+def test_the_runtime_hashes_a_built_bundle_as_the_agreement_does(tmp_path):
+    folder = _app(tmp_path / "app")
+    assert bundle_sha256(_fab(folder, tmp_path / "out")) == app_sha256(folder)
+    other = _app(tmp_path / "other", **{"hostile_client.py": "print('hi')\n"})
+    assert bundle_sha256(_fab(other, tmp_path / "out2")) != app_sha256(folder)
 
 
-def test_messages_run_in_the_worker_not_in_the_clientapp(running, tiny_bert, tmp_path,
-                                                         monkeypatch):
-    monkeypatch.setattr(tasks, "train", lambda *a: pytest.fail("ran in the ClientApp"))
-    monkeypatch.setattr(tasks, "evaluate_local", lambda *a: pytest.fail("ran in the ClientApp"))
-    cfg = _cfg(tiny_bert, tmp_path)
-    reply, names = _call(cfg, "train", running[1])
-    assert not reply.has_error()
-    assert list(reply.content["arrays"].keys()) == names
-    metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == 60 and 0 < metrics["epsilon"] <= 8.0
-    assert metrics["seconds-process"] >= 0  # this process's age, not the worker's
-    reply, _ = _call(cfg, "evaluate", running[1])
-    assert reply.content["metrics"]["num-examples"] > 0
-    # The worker wrote the institution's ledger, as the ClientApp would have.
-    assert list((tmp_path / "ledgers" / "run-1").rglob("*.json"))
+def test_an_unreadable_or_escaping_bundle_is_refused_without_extracting(tmp_path):
+    with pytest.raises(BundleError, match="not a readable app bundle"):
+        bundle_sha256(b"not a zip")
+    escaping = io.BytesIO()
+    with zipfile.ZipFile(escaping, "w") as archive:
+        archive.writestr("pyproject.toml", "[project]\n")
+        archive.writestr("../../escaped.py", "x = 1\n")
+    with pytest.raises(BundleError, match="leaves its folder"):
+        bundle_sha256(escaping.getvalue())
+    assert approved(escaping.getvalue(), tmp_path / "ledger")[0] is False
 
 
-def test_a_failure_in_the_worker_fails_the_message_with_a_generic_reason(running, tiny_bert,
-                                                                         tmp_path):
-    cfg = _cfg(tiny_bert, tmp_path)
-    failed, _ = _call(cfg, "train", running[1], model=str(tmp_path / "no-such-model"))
-    assert failed.has_error() and failed.error.code == FAILED_CODE
-    assert "ModelError" not in failed.error.reason and "no-such-model" not in failed.error.reason
-    assert running[0].poll() is None  # still serving
-    reply, _ = _call(cfg, "evaluate", running[1])
-    assert not reply.has_error()
+def test_outside_the_runtime_a_deployed_institution_sees_no_checked_bundle():
+    origin = current_origin()
+    assert origin.app_sha256 is None  # check_run then declines: "not from an app bundle"
+    with serving(Origin(0.5, "f" * 64)):
+        assert current_origin() == Origin(0.5, "f" * 64)
+    assert current_origin().app_sha256 is None
 
 
-def test_without_a_worker_the_message_runs_in_the_clientapp(tiny_bert, tmp_path, logs):
-    cfg = _cfg(tiny_bert, tmp_path)
-    reply, names = _call(cfg, "train", tmp_path / "nobody.sock")
-    assert not reply.has_error() and list(reply.content["arrays"].keys()) == names
-    assert "no warm worker" in logs.text and "running the train message in this process" \
-        in logs.text
+def test_the_node_stops_with_a_clear_error_when_the_runtime_dies(tmp_path, logs):
+    settings = {"institution": "h", "superlink": f"127.0.0.1:{closed_port()}", "data": "d.csv",
+                "insecure": True, "ledger-dir": str(tmp_path / "ledger")}
+    secret = make_secret()
+    assert secret.stat().st_mode & 0o777 == 0o600 and secret.parent.stat().st_mode & 0o777 == 0o700
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    try:
+        code, refused = run_supernode(settings, free_port(), secret, dead)
+    finally:
+        remove_secret(secret)
+    assert (code, refused) == (3, False) and not secret.parent.exists()
+    assert "fedsilo's runtime stopped (exit 1)" in logs.text
 
 
 def test_a_changed_data_file_is_reloaded_by_a_long_lived_process(tmp_path):
