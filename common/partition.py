@@ -18,10 +18,10 @@ MAX_DIRICHLET_TRIES = 100
 
 def _check_counts(num_examples: int, num_partitions: int) -> None:
     if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+        raise ValueError(f"--institutions must be >= 1, got {num_partitions}")
     if num_partitions > num_examples:
         raise ValueError(f"cannot split {num_examples} examples into {num_partitions} "
-                         "partitions; use fewer partitions or more data")
+                         "institutions; use fewer --institutions or more data")
 
 
 def partition_iid(num_examples: int, num_partitions: int, seed: int) -> list[np.ndarray]:
@@ -56,12 +56,12 @@ def partition_dirichlet(
     num_examples = len(labels)
     _check_counts(num_examples, num_partitions)
     if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+        raise ValueError(f"--dirichlet-alpha must be > 0, got {alpha}")
     if min_partition_size < 0 or min_partition_size * num_partitions > num_examples:
         raise ValueError(
             f"min_partition_size {min_partition_size} is impossible for {num_examples} "
-            f"examples in {num_partitions} partitions; it must be in "
-            f"[0, {num_examples // num_partitions}]"
+            f"examples in {num_partitions} institutions; use fewer --institutions (at most "
+            f"{num_examples // max(min_partition_size, 1)})"
         )
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
@@ -81,17 +81,18 @@ def partition_dirichlet(
     raise ValueError(
         f"no Dirichlet(alpha={alpha}) split of {num_examples} examples into {num_partitions} "
         f"partitions gave every partition >= {min_partition_size} examples in "
-        f"{MAX_DIRICHLET_TRIES} attempts (last smallest: {smallest}); raise alpha, lower "
-        "min_partition_size or use fewer partitions"
+        f"{MAX_DIRICHLET_TRIES} attempts (last smallest: {smallest}); raise "
+        "--dirichlet-alpha or use fewer --institutions"
     )
 
 
 def partition_by_column(
-    values: Sequence[str], num_partitions: int | None = None
+    values: Sequence[str], num_partitions: int | None = None, column: str = "institution"
 ) -> tuple[list[str], list[np.ndarray]]:
     """Split examples naturally, one partition per distinct value (e.g. institution).
 
-    Returns the sorted distinct values and the matching index arrays.
+    Returns the sorted distinct values and the matching index arrays; ``column`` names
+    the ``--partition-column`` in error messages.
 
     Raises
     ------
@@ -108,7 +109,8 @@ def partition_by_column(
     names = sorted(groups)
     if num_partitions is not None and num_partitions != len(names):
         raise ValueError(
-            f"num_partitions is {num_partitions} but the column has {len(names)} distinct "
-            f"values ({', '.join(names)}); set num_partitions to {len(names)}"
+            f"--institutions is {num_partitions} but --partition-column {column!r} has "
+            f"{len(names)} distinct values ({', '.join(names)}); leave out --institutions "
+            f"(the column sets the count) or set --institutions {len(names)}"
         )
     return names, [np.array(groups[name], dtype=np.int64) for name in names]

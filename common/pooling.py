@@ -61,6 +61,16 @@ class MeanPoolBertForSequenceClassification(BertForSequenceClassification):
         """Logits (and the cross-entropy loss when ``labels`` are given) for one batch."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        limit = getattr(self.config, "fedsilo_max_length", None)  # the trained length
+        if limit and input_ids is not None and input_ids.shape[1] > limit:
+            # cut as the tokenizer would: the first limit - 1 tokens and the closing one
+            cut = attention_mask[:, limit:].any(dim=1)
+            last = attention_mask.sum(1) - 1  # right padding: each row's final token
+            ids = input_ids[:, :limit].clone()
+            ids[cut, limit - 1] = input_ids[cut, last[cut]]
+            input_ids, attention_mask = ids, attention_mask[:, :limit]
+            token_type_ids = None if token_type_ids is None else token_type_ids[:, :limit]
+            position_ids = None if position_ids is None else position_ids[:, :limit]
         hidden = self.bert(input_ids, attention_mask=attention_mask,
                            token_type_ids=token_type_ids, position_ids=position_ids,
                            return_dict=True).last_hidden_state

@@ -41,7 +41,7 @@ from fedsilo.common.processes import (
 from fedsilo.common.task import freeze_labels
 from fedsilo.server import checkpoint, provision
 from fedsilo.server.agreements import run_under, write_agreement
-from fedsilo.server.dashboard import render
+from fedsilo.server.dashboard import heartbeat, render
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
@@ -194,7 +194,8 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
         log.info("listening on %s:%d (Fleet API only); waiting for %d institution(s)",
                  args.host, args.port, cfg.federation.min_available)
         app = write_thin_app(state / "app", cfg)
-        with live_view(lambda: render(Path(cfg.federation.output_dir))):
+        out = Path(cfg.federation.output_dir)
+        with live_view(lambda: render(out), heartbeat=lambda: heartbeat(out)):
             run_to_completion(link, app, sink)
     except LaunchError as err:
         log.error("%s", err)

@@ -8,6 +8,7 @@ round, phase and replies so far, rewritten as replies arrive) and ``metrics.json
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from fedsilo.common.live import duration
+from fedsilo.common.live import ONE_OFF, duration, eta
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -30,6 +31,29 @@ def _status(entry: dict[str, Any], name: str) -> str:
     return "aggregated" if name in entry.get("institutions", {}) else "-"
 
 
+def _head(out: Path, progress: dict[str, Any], rounds: list[dict[str, Any]],
+          total: int) -> str:
+    left = max(total - len(rounds), 0)
+    estimate = eta([r["seconds"] for r in rounds], left)
+    line = (f"round {progress['round']}/{total or '?'} · {progress['phase']} · "
+            f"{progress['replied']}/{progress['expected']} institutions replied")
+    if (out / "metrics.json").is_file():  # rewritten when the previous round finished
+        since = time.time() - (out / "metrics.json").stat().st_mtime
+        line += f" · {duration(since)} into the round"
+    if progress["round"] == 1 and not rounds:
+        line += f" ({ONE_OFF})"
+    return f"{line} · {estimate}" if estimate else line
+
+
+def heartbeat(out: Path) -> str | None:
+    """The progress line the coordinator logs now and then off a terminal (None: not yet)."""
+    metrics, progress = _read(out / "metrics.json"), _read(out / "progress.json")
+    if not progress or metrics.get("status") == "completed":
+        return None
+    rounds = [r for r in metrics.get("rounds", []) if r["round"] > 0]
+    return _head(out, progress, rounds, int(metrics.get("config", {}).get("num-rounds", 0) or 0))
+
+
 def render(out: Path) -> RenderableType:
     """The view of the run writing to ``out``."""
     metrics, progress = _read(out / "metrics.json"), _read(out / "progress.json")
@@ -37,12 +61,7 @@ def render(out: Path) -> RenderableType:
     total = int(metrics.get("config", {}).get("num-rounds", 0) or 0)
     head = Text("waiting for the run to start…", style="dim")
     if progress:
-        done = [r["seconds"] for r in rounds]
-        left = max(total - len(rounds), 0)
-        eta = f" · ETA {duration(left * sum(done) / len(done))}" if done and left else ""
-        head = Text(f"round {progress['round']}/{total or '?'} · {progress['phase']} · "
-                    f"{progress['replied']}/{progress['expected']} institutions replied{eta}",
-                    style="bold")
+        head = Text(_head(out, progress, rounds, total), style="bold")
     table = Table(expand=False, title=None)
     for column in ("institution", "examples", "train loss", "ε (cumulative)", "last round"):
         table.add_column(column, justify="left" if column == "institution" else "right")

@@ -56,7 +56,7 @@ from flwr.app import Message
 
 from fedsilo.common import journal
 from fedsilo.common.atomic import write_json_atomic
-from fedsilo.common.live import duration
+from fedsilo.common.live import eta
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
 
@@ -261,9 +261,8 @@ class RunReport:
             parts.append(f"{len(entry['institutions'])}/{heard} institutions aggregated")
         parts.append(f"{entry['seconds']:.0f}s")
         done = [r["seconds"] for r in self.doc["rounds"] if r["round"] > 0]
-        left = self.num_rounds - entry["round"]
-        if done and left > 0:
-            parts.append(f"ETA {duration(left * sum(done) / len(done))}")
+        if estimate := eta(done, self.num_rounds - entry["round"]):
+            parts.append(estimate)  # round 1's one-off work left out
         return " | ".join(parts)
 
     def resume(self, doc: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedsilo.common import features
+from fedsilo.common import features, lengths
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.data import TextRecords, load_records
 from fedsilo.common.datasets import split_holdout
@@ -29,9 +29,11 @@ from fedsilo.server import checkpoint
 from fedsilo.server.outputs import save_model
 from fedsilo.server.plots import write_artefacts
 from fedsilo.server.report import RunReport
+from fedsilo.server.report_html import class_figures, predictions, write_report
 from fedsilo.server.rounds import run_rounds
 from fedsilo.server.secagg import Evaluator, SecAggFedAvg, run_secagg
 from fedsilo.server.strategy import build_strategy
+from fedsilo.server.tracking import Tracker
 from fedsilo.server.waiting import PatientGrid
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,16 @@ def main(grid: Grid, context: Context) -> None:
     model = load_model(cfg.model, labels, cfg.train.seed)
     device = resolve_device(cfg.model.device)
     report = RunReport(out, list(labels.names), cfg.to_flat(), cfg.federation.num_rounds)
+    tracker = Tracker(out, cfg.to_flat(), cfg.federation.mlflow)  # TensorBoard (+ MLflow)
 
     holdout = _holdout(cfg)
-    eval_set, net = None, model
+    eval_set, net, truncation = None, model, None
     if holdout is not None:
+        truncation = lengths.summary(lengths.token_lengths(tokenizer, holdout.texts),
+                                     cfg.model.max_length)
+        log.info("max length %d tokens: %.1f%% of the coordinator's held-out texts are cut",
+                 cfg.model.max_length, 100 * truncation["share"])
+        lengths.warn_if_truncated(truncation["share"], cfg.model.max_length, "held-out texts")
         tokens = encode(tokenizer, holdout, labels, cfg.model.max_length)
         report.doc["holdout_majority_rate"] = majority_rate(tokens.tensors[2].numpy())
         # The frozen encoder runs over the holdout once, not every round (head-only runs).
@@ -86,18 +94,24 @@ def main(grid: Grid, context: Context) -> None:
                                 [t.numpy() for t in initial.values()], report, centralized)
         final = run_secagg(grid, context, cfg.federation, strategy)
     else:
-        final = _run_message_api(grid, cfg, report, initial, centralized, context.run_id)
+        final = _run_message_api(grid, cfg, report, initial, centralized, context.run_id,
+                                 tracker)
     if not any(r["institutions"] for r in report.doc["rounds"]):
         raise RuntimeError("no institution returned an update in any round; nothing to save "
                            "(see the failures in metrics.json)")
     set_trainable_state(model, {k: torch.from_numpy(np.asarray(v)) for k, v in final.items()})
-    save_model(model, tokenizer, out / "model")
+    save_model(model, tokenizer, out / "model", cfg.model.max_length)
     report.complete()
+    tracker.update(report.doc)
+    tracker.close(completed=True)
     log.info("saved the global model to %s and metrics to %s", out / "model", report.path)
     try:
         write_artefacts(report.doc, out)
+        classes = None if eval_set is None else class_figures(
+            *predictions(net, eval_set, device), labels.names)  # coordinator-held data only
+        write_report(report.doc, out, classes, truncation)
     except (OSError, ValueError) as err:  # the run is complete; the pictures are extras
-        log.warning("could not write rounds.csv and plots to %s: %s", out, err)
+        log.warning("could not write rounds.csv, plots and report.html to %s: %s", out, err)
 
 
 def _dp_summary(cfg: FedsiloConfig) -> str:
@@ -109,7 +123,7 @@ def _dp_summary(cfg: FedsiloConfig) -> str:
 
 def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
                      initial: dict[str, torch.Tensor], centralized: Evaluator,
-                     run_id: int) -> dict[str, np.ndarray]:
+                     run_id: int, tracker: Tracker) -> dict[str, np.ndarray]:
     """Run (or resume) all rounds with a Message-API strategy; return the final tensors."""
     fed = cfg.federation
     out = Path(fed.output_dir)
@@ -132,6 +146,7 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
         tensors = named_arrays(arrays)
         report.record_centralized_eval(server_round, centralized(server_round, tensors))
         report.finish_round(server_round)
+        tracker.update(report.doc)
         checkpoint.save(out, checkpoint.Checkpoint(
             server_round, run_key, tensors, checkpoint.strategy_state(strategy),
             cfg.to_flat(), report.doc))

@@ -395,5 +395,5 @@ def test_demo_momentum_default_gives_way_to_settings_that_need_plain_fedavg(
     assert strategy("--secure-aggregation") == "fedavg"
     assert strategy("--dp-level", "client") == "fedavg"
     assert strategy("--no-dp", "--dp-level", "client") == "fedavgm"  # no client-level DP
-    with pytest.raises(ConfigError, match="fedavg' only"):  # asked for: refused, named
+    with pytest.raises(ConfigError, match="--strategy fedavg only"):  # asked for: refused, named
         strategy("--secure-aggregation", "--strategy", "fedavgm")

@@ -26,7 +26,9 @@ def test_coordinator_view_shows_round_replies_eta_and_each_institution(tmp_path)
     (tmp_path / "progress.json").write_text(json.dumps(
         {"round": 2, "phase": "train", "replied": 1, "expected": 4}))
     text = _text(render(tmp_path))
-    assert "round 2/3 · train · 1/4 institutions replied · ETA 4m00s" in text
+    assert "round 2/3 · train · 1/4 institutions replied" in text
+    # round 1 carried the one-off encoder pass: no estimate from it alone
+    assert "ETA after round 2 (round 1 included one-off work)" in text
     assert "accuracy 0.500" in text and "3.250" in text
     assert "hospital-a" in text and "aggregated" in text
 
@@ -61,3 +63,27 @@ def test_institution_view_shows_rounds_spend_and_refusals(tmp_path):
     text = _text(institution_view(tmp_path, "h-a", 8.0))
     assert "h-a: 1 round(s) trained, ε spent 2.500 of 8.0" in text
     assert "625,752 B" in text and "declined: declined: the run differs" in text
+
+
+def test_eta_leaves_out_round_one_and_one_off_work_is_named(tmp_path, logs):
+    import logging
+    import time
+
+    from fedsilo.server.dashboard import heartbeat
+
+    assert live.eta([300.0, 10.0, 12.0, 10.0], 18) == "ETA 3m00s"  # not 18 x 83 s
+    assert live.eta([300.0], 19).startswith("ETA after round 2")
+    assert live.eta([300.0, 10.0], 0) == ""
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"num-rounds": 20}, "rounds": [
+        {"round": 0, "institutions": {}, "seconds": 1}]}))
+    (tmp_path / "progress.json").write_text(json.dumps(
+        {"round": 1, "phase": "train", "replied": 0, "expected": 2}))
+    line = heartbeat(tmp_path)
+    assert "round 1/20 · train · 0/2 institutions replied" in line
+    assert "into the round" in line and "one-off work" in line and "encoder" in line
+    with logs.at_level(logging.INFO, logger="fedsilo"):  # off a terminal: logged now and then
+        with live.live_view(lambda: "x", heartbeat=lambda: heartbeat(tmp_path), every=0.05):
+            deadline = time.monotonic() + 30
+            while "one-off work" not in logs.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert "one-off work" in logs.text

@@ -36,3 +36,12 @@ def test_no_module_is_overlong():
     long = [f"{p.relative_to(ROOT)}: {n}" for p in ROOT.glob("[!.]*/*.py")
             if (n := len(p.read_text("utf-8").splitlines())) > 420]
     assert not long
+
+
+def test_readme_is_a_guide_with_measurements_in_docs():
+    readme = (ROOT / "README.md").read_text("utf-8")
+    assert len(readme.splitlines()) <= 300
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text("utf-8")
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        if script.name != "benchlib.py":
+            assert f"bench/{script.name}" in benchmarks, f"docs/benchmarks.md lacks {script.name}"

@@ -63,7 +63,7 @@ def test_dirichlet_alpha_controls_label_skew() -> None:
 
 def test_dirichlet_gives_up_with_clear_message() -> None:
     labels = np.repeat(np.arange(2), 15)
-    with pytest.raises(ValueError, match=r"attempts .*raise alpha"):
+    with pytest.raises(ValueError, match=r"attempts .*raise --dirichlet-alpha"):
         partition_dirichlet(labels, 3, alpha=0.01, seed=0, min_partition_size=10)
     with pytest.raises(ValueError, match="min_partition_size 11 is impossible"):
         partition_dirichlet(labels, 3, alpha=1.0, seed=0, min_partition_size=11)
@@ -76,7 +76,7 @@ def test_by_column_one_partition_per_value() -> None:
     assert [p.tolist() for p in parts] == [[2, 4], [0, 3, 5], [1]]
     assert_disjoint_cover(parts, len(values))
     assert partition_by_column(values, num_partitions=3)[0] == names
-    with pytest.raises(ValueError, match=r"num_partitions is 2 .*3 distinct .*east, north"):
+    with pytest.raises(ValueError, match=r"--institutions is 2 .*3 distinct .*east, north"):
         partition_by_column(values, num_partitions=2)
     with pytest.raises(ValueError, match="no values"):
         partition_by_column([])

@@ -155,7 +155,7 @@ def test_sgd_without_dp_has_no_coordinate_bound_but_still_rejects_nan(tmp_path):
 def test_scaffold_needs_plain_sgd():
     with pytest.raises(ConfigError, match="--optimizer sgd"):
         FedsiloConfig.from_flat({"strategy": "scaffold"})
-    with pytest.raises(ConfigError, match="strategy 'fedavg' only"):
+    with pytest.raises(ConfigError, match="--strategy fedavg only"):
         FedsiloConfig.from_flat({"strategy": "scaffold", "optimizer": "sgd",
                                  "secure-aggregation": True})
 

@@ -37,19 +37,26 @@ def hospital_csv(tmp_path_factory) -> Path:
 def test_two_institution_dp_federation_end_to_end(tiny_st_bert, hospital_csv, tmp_path):
     out = tmp_path / "run"
     # A mean-pooling sentence-transformers folder, like the default MiniLM.
-    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_st_bert),
+    # no --institutions: the 2-valued institution column sets the count
+    done = _run("--num-rounds", "2", "--model", str(tiny_st_bert),
                 "--data", str(hospital_csv), "--text-column", "description",
                 "--label-column", "chapter", "--partition", "column",
                 "--learning-rate", "0.01", "--batch-size", "32", "--target-epsilon", "6",
                 "--holdout-fraction", "0.2", "--output-dir", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "--partition column: 2 institutions" in done.stderr + done.stdout
+    assert "--max-length auto: max length" in done.stderr + done.stdout
+    assert "of the texts are truncated" in done.stderr + done.stdout
     for r in (0, 1, 2):
         assert f"round {r}/2" in done.stdout  # one progress line per round
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["config"]["dp"] is True
-    for artefact in ("rounds.csv", "accuracy_loss.png", "epsilon.png"):
+    for artefact in ("rounds.csv", "accuracy_loss.png", "epsilon.png", "report.html"):
         assert (out / artefact).stat().st_size > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # always written
+    page = (out / "report.html").read_text()
+    assert "hospital-a" in page and "confusion matrix" in page and "held-out texts" in page
     events = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
     assert [e["round"] for e in events if e["event"] == "sent"] == [1, 2]
     assert {e["institution"] for e in events if e["event"] == "received"} == {
@@ -79,7 +86,8 @@ def test_two_institution_dp_federation_end_to_end(tiny_st_bert, hospital_csv, tm
 def test_scaffold_sends_each_institution_its_correction_from_round_two(
         tiny_st_bert, hospital_csv, tmp_path):
     out = tmp_path / "run"
-    done = _run("--institutions", "2", "--num-rounds", "2", "--model", str(tiny_st_bert),
+    # no --institutions: the 2-valued institution column sets the count
+    done = _run("--num-rounds", "2", "--model", str(tiny_st_bert),
                 "--data", str(hospital_csv), "--text-column", "description",
                 "--label-column", "chapter", "--partition", "column", "--strategy",
                 "scaffold", "--optimizer", "sgd", "--learning-rate", "1", "--batch-size", "32",
@@ -113,3 +121,24 @@ def test_label_outside_the_federation_map_fails_before_any_process(hospital_csv,
     assert done.returncode == 2
     assert "diagnoses.csv" in done.stderr and "Injury" in done.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_long_texts_split_by_a_two_valued_column_need_no_institutions_flag(
+        tiny_st_bert, tmp_path):
+    from make_long_texts import make_rows, write_csv
+
+    data = write_csv(tmp_path / "mail.csv", make_rows(160, 300, 2, seed=5))
+    out = tmp_path / "run"
+    done = _run("--data", str(data), "--partition", "column", "--num-rounds", "1",
+                "--model", str(tiny_st_bert), "--batch-size", "16", "--holdout-fraction",
+                "0.2", "--output-dir", str(out), cwd=tmp_path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "--partition column: 2 institutions, one per value of column 'institution'" in log
+    assert "--max-length auto: max length 128 tokens" in log  # the tiny BERT's positions
+    assert "100.0% of the texts are truncated" in log and "are cut" in log  # and warned
+    classify = pipeline("text-classification", model=str(out / "model"), device="cpu",
+                        trust_remote_code=True)
+    assert classify(" ".join(["invoice overdue"] * 400))[0]["label"] in (
+        "billing", "clinical", "staffing")  # > 512 tokens, no truncation argument
