@@ -41,12 +41,15 @@ from fedsilo.common.processes import (
 from fedsilo.common.task import freeze_labels
 from fedsilo.server import checkpoint, provision
 from fedsilo.server.agreements import run_under, write_agreement
+from fedsilo.server.allowlist import allowlist_entries
 from fedsilo.server.dashboard import heartbeat, render
+from fedsilo.server.gate import ROSTER_ENV
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
     SuperLink,
     run_to_completion,
+    write_roster,
     write_thin_app,
 )
 
@@ -158,14 +161,17 @@ def start_gateway(args: argparse.Namespace, upstream_port: int,
     return proc
 
 
-def register_institutions(link: SuperLink, pki: Path) -> None:
-    """Register every allow-listed public key with the SuperLink (idempotent)."""
-    for name, pub in provision.load_allowlist(pki).items():
+def register_institutions(link: SuperLink, pki: Path, roster: Path) -> None:
+    """Register every allow-listed public key (idempotent); write the node roster."""
+    allowed = allowlist_entries(pki)
+    for name, entry in allowed.items():
+        pub = entry.public_key
         done = link.flwr("supernode", "register", str(pub), "fedsilo", "--name", name)
         text = done.stdout + done.stderr
         if done.returncode and "already" not in text.lower():
             raise LaunchError(f"cannot register {name} ({pub}):\n{text}")
         log.info("institution %s: key %s registered", name, pub)
+    write_roster(link, allowed, roster)
 
 
 def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
@@ -182,15 +188,18 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
     else:
         link_args += ["--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"]),
                       "--ssl-ca-certfile", str(pki["ca"]), "--enable-supernode-auth"]
+    # The ServerApp names each reply's sender from this roster (node id → institution).
+    roster = state / "roster.json"
     link = SuperLink(home=state / "flwr-home", args=link_args, port=free_port(),
-                     tls_root=None if pki is None else pki["ca"])
+                     tls_root=None if pki is None else pki["ca"],
+                     extra_env={} if pki is None else {ROSTER_ENV: str(roster)})
     gateway = None
     sink = LogFilter(Path(cfg.federation.output_dir) / "run.log", args.verbose)
     try:
         link.start()
         gateway = start_gateway(args, link.port, pki, state / "gateway.log")
         if pki is not None:
-            register_institutions(link, args.pki)
+            register_institutions(link, args.pki, roster)
         log.info("listening on %s:%d (Fleet API only); waiting for %d institution(s)",
                  args.host, args.port, cfg.federation.min_available)
         app = write_thin_app(state / "app", cfg)

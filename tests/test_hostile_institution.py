@@ -6,6 +6,7 @@ metrics typed and finite, the update bounded. Rejected replies are journalled an
 round goes on.
 """
 
+import json
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from fedsilo.common import journal
 from fedsilo.common.bounds import largest_learning_rate, max_coordinate_change, planned_steps
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.common.wire import named_arrays
-from fedsilo.server.gate import ROSTER_ENV, Roster, check_metrics, TRAIN_REQUIRED, GateError
+from fedsilo.server.gate import ROSTER_ENV, TRAIN_REQUIRED, GateError, Roster, check_metrics
 from fedsilo.server.report import RunReport
 from fedsilo.server.strategy import build_strategy
 
@@ -225,3 +226,26 @@ def test_the_journal_never_raises_on_odd_values(tmp_path):
     journal.append(tmp_path / "j.jsonl", "odd", value=float("nan"), nested={"x": [math.inf]})
     (event,) = journal.read(tmp_path / "j.jsonl")
     assert event["value"] == "nan" and event["nested"] == {"x": ["inf"]}
+
+
+def test_a_resumed_run_meets_the_same_nan_reply_and_completes(run, tmp_path):
+    """--resume replays a round a NaN reply is in; the gate rejects it again, no crash."""
+    strategy, report = run()
+    nan = _metrics(epsilon=float("nan"), **{"train-loss": float("nan")})
+    _aggregate(strategy, report, [_reply(1, 0.01), _reply(2, 0.05, nan)])
+    doc = json.loads(report.path.read_text())  # strict JSON: no NaN reached metrics.json
+    cfg = FedsiloConfig.from_flat({"output-dir": str(tmp_path), "resume": True})
+    resumed = RunReport(tmp_path, [], cfg.to_flat(), num_rounds=2)
+    resumed.resume(doc)
+    strategy = build_strategy(cfg, resumed)
+    strategy.configure_train(2, ArrayRecord({k: Array(v) for k, v in SENT.items()}),
+                             ConfigRecord(), grid=_NoGrid())
+    kept = [strategy.absorb(r) for r in (_reply(1, 0.01), _reply(2, 0.05, nan))]
+    arrays, _ = strategy.aggregate_train(2, kept)
+    resumed.finish_round(2)
+    resumed.complete()
+    np.testing.assert_allclose(named_arrays(arrays)["w"], SENT["w"] + 0.01, atol=1e-6)
+    final = json.loads(resumed.path.read_text(), parse_constant=pytest.fail)
+    assert [r["failures"][0].split(":")[0] for r in final["rounds"]] == ["hospital-b"] * 2
+    rejected = [e["round"] for e in journal.read(resumed.journal) if e["event"] == "rejected"]
+    assert rejected == [1, 2]
