@@ -48,6 +48,7 @@ from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
     SuperLink,
+    close_state_dir,
     run_to_completion,
     write_roster,
     write_thin_app,
@@ -179,7 +180,11 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
     args.pki = args.pki.expanduser().resolve()
     pki = None if args.insecure else _pki_files(args.pki)
     state = args.state_dir.resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    try:
+        close_state_dir(state)
+    except LaunchError as err:
+        log.error("%s", err)
+        return 2
     link_args = ["--database", str(state / "state.db"), "--isolation", "subprocess",
                  "--disable-runtime-dependency-installation"]
     if pki is None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,6 +37,34 @@ CONNECTION = "fedsilo"
 
 class LaunchError(RuntimeError):
     """The SuperLink could not be started, or the run did not complete."""
+
+
+#: What the coordinator process and everything it starts may give away: nothing to
+#: group or others (state.db holds each institution's individual updates).
+PRIVATE_UMASK = 0o077
+
+
+def close_state_dir(state: Path) -> None:
+    """Make ``state`` the coordinator's private folder: 0700, everything in it owner-only.
+
+    Sets the process umask to :data:`PRIVATE_UMASK` (the SuperLink, ServerApp and
+    gateway inherit it, so ``state.db`` and the logs are created 0600) and takes group
+    and other bits off what an earlier run left there.
+
+    Raises
+    ------
+    LaunchError
+        If the folder belongs to another user (who could read or swap the state).
+    """
+    os.umask(PRIVATE_UMASK)
+    state.mkdir(parents=True, exist_ok=True)
+    if state.stat().st_uid != os.getuid():
+        raise LaunchError(f"--state-dir {state} belongs to another user; use a folder of "
+                          "your own (the coordinator's state holds institutions' updates)")
+    for path in [state, *state.rglob("*")]:
+        info = path.lstat()
+        if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
+            path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
 
 
 def write_thin_app(app_dir: Path, cfg: FedsiloConfig) -> Path:
