@@ -39,7 +39,7 @@ from fedsilo.common.processes import (
     wait_for_port,
 )
 from fedsilo.common.task import freeze_labels
-from fedsilo.server import checkpoint, provision
+from fedsilo.server import checkpoint, gateway, provision
 from fedsilo.server.agreements import run_under, write_agreement
 from fedsilo.server.allowlist import allowlist_entries
 from fedsilo.server.dashboard import heartbeat, render
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=9092, help="public port (Fleet API only)")
     srv.add_argument("--insecure", action="store_true",
                      help="no TLS and no institution authentication (local tests only)")
+    gateway.add_limit_arguments(srv, "gateway-")
     srv.add_argument("--verbose", action="store_true", help="echo Flower's log lines too")
     srv.add_argument("--agreement", type=Path, help="run under this federation agreement "
                      "(from `flower-server agreement`); the run must match its terms")
@@ -150,7 +151,8 @@ def start_gateway(args: argparse.Namespace, upstream_port: int,
            f"{args.host}:{args.port}", "--upstream", f"{scheme}://127.0.0.1:{upstream_port}"]
     cmd += ["--insecure"] if pki is None else [
         "--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"]),
-        "--ca", str(pki["ca"])]
+        "--ca", str(pki["ca"]), "--allowlist", str(args.pki)]
+    cmd += gateway.limit_flags(gateway.limits_from(args, "gateway-"))
     with log_file.open("ab") as out:
         proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -198,11 +200,11 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
     link = SuperLink(home=state / "flwr-home", args=link_args, port=free_port(),
                      tls_root=None if pki is None else pki["ca"],
                      extra_env={} if pki is None else {ROSTER_ENV: str(roster)})
-    gateway = None
+    proxy = None
     sink = LogFilter(Path(cfg.federation.output_dir) / "run.log", args.verbose)
     try:
         link.start()
-        gateway = start_gateway(args, link.port, pki, state / "gateway.log")
+        proxy = start_gateway(args, link.port, pki, state / "gateway.log")
         if pki is not None:
             register_institutions(link, args.pki, roster)
         log.info("listening on %s:%d (Fleet API only); waiting for %d institution(s)",
@@ -221,7 +223,7 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
         return 130
     finally:
         sink.close()
-        stop_group(gateway)
+        stop_group(proxy)
         link.stop()
     log.info("done: model in %s/model, metrics in %s/metrics.json",
              cfg.federation.output_dir, cfg.federation.output_dir)

@@ -252,6 +252,10 @@ def write_roster(link: SuperLink, allowed: dict[str, Allowed], path: Path) -> Ro
                             if entry.expected_examples})
     roster.write(path)
     log.info("roster %s: %d institution node(s)", path, len(nodes))
+    if unknown := sorted(set(allowed) - set(roster.expected)):
+        log.warning("no expected-examples for %s: their replies' example counts are capped "
+                    "only by --max-examples (give `flower-server provision --institution NAME "
+                    "--expected-examples N`)", ", ".join(unknown))
     return roster
 
 
