@@ -54,6 +54,8 @@ from flwr.common.constant import (
 )
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
 from flwr.supercore.date import now
+from flwr.supercore.error.base import ApiErrorCode, FlowerError
+from flwr.supercore.error.catalog import API_ERROR_MAP
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -70,6 +72,10 @@ FLEET_PREFIX = "/v1/fleet/"
 HEALTH_PATH = "/health"
 #: Room for a request's protobuf framing and headers beside its largest array chunk.
 HEADROOM = 1 << 20
+#: Where a SuperNode first presents its key: a key off the allow-list is told what the
+#: SuperLink would tell it (Flower's own error), so the institution sees the usual cause.
+ACTIVATE_PATH = FLEET_PREFIX + "activate-node"
+NOT_LISTED = "the node key is not on the allow-list"
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes.
 _DROP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
          "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -116,7 +122,7 @@ def authentication_problem(headers: Mapping[str, str], allowed: set[str]) -> str
         key = bytes_to_public_key(pem)
         if not isinstance(key, ec.EllipticCurvePublicKey) \
                 or public_key_fingerprint(key) not in allowed:
-            return "the node key is not on the allow-list"
+            return NOT_LISTED
         age = (now() - datetime.datetime.fromisoformat(stamp)).total_seconds()
         if not -SYSTEM_TIME_TOLERANCE < age < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE:
             return "the signed timestamp is not fresh"
@@ -138,6 +144,15 @@ class _Refused(Exception):
 def _refuse(status: int, detail: str) -> Response:
     """An error answer that also closes the connection (an unread body is dropped)."""
     return JSONResponse({"error": detail}, status_code=status, headers={"connection": "close"})
+
+
+def _activation_failed() -> Response:
+    """Flower's own answer to a SuperNode whose key the SuperLink does not know."""
+    code = ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
+    spec = API_ERROR_MAP[code]
+    return JSONResponse(FlowerError(code, spec.public_message).to_json(spec.public_message),
+                        status_code=spec.http_status_code,
+                        headers={**(spec.http_headers or {}), "connection": "close"})
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
@@ -199,6 +214,9 @@ def create_app(upstream: str, verify: ssl.SSLContext | bool, limits: Limits = Li
         try:
             if allowed is not None and path.startswith(FLEET_PREFIX) and (
                     problem := authentication_problem(request.headers, allowed)):
+                if problem == NOT_LISTED and path == ACTIVATE_PATH:
+                    log.warning("refused %s from %s: %s", path, peer, problem)
+                    return _activation_failed()
                 raise _Refused(401, problem)
             body = await read_body(request, limits)
         except _Refused as refused:

@@ -115,6 +115,8 @@ def _answer(sock: socket.socket) -> tuple[int, bool]:
         while sock.recv(65536):
             pass
         closed = True
+    except ConnectionResetError:  # closed with our unread bytes still in its buffer
+        closed = True
     except TimeoutError:
         closed = False
     sock.close()
@@ -208,3 +210,16 @@ def test_header_checks_name_the_problem():
     assert "allow-list" in authentication_problem(_signed(key), set())
     assert "no SuperNode" in authentication_problem({}, allowed)
     assert default_body_cap(1000) < default_body_cap(10**9) == default_body_cap()
+
+
+def test_a_key_off_the_allow_list_gets_flowers_activation_refusal(gateway):
+    """The SuperNode reports what the SuperLink would have said (flower-client reads it)."""
+    port, _, _ = gateway
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    head = ["POST /v1/fleet/activate-node HTTP/1.1", "host: x", "content-length: 400000000",
+            *(f"{k}: {v}" for k, v in _signed(ec.generate_private_key(ec.SECP384R1())).items())]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 412") and b"Failed to activate SuperNode" in answer
