@@ -259,8 +259,12 @@ class Gate:
         try:
             if "metrics" not in reply.content.metric_records:
                 raise GateError("the reply carries no metrics")
-            reply.content["metrics"] = MetricRecord(
-                check_metrics(reply.content["metrics"], EVALUATE_REQUIRED))
+            metrics = check_metrics(reply.content["metrics"], EVALUATE_REQUIRED)
+            cap = self._cap(verdict.name)  # a test split is no larger than the data
+            if cap > 0 and int(metrics["num-examples"]) > cap:
+                verdict.clamped_from = int(metrics["num-examples"])
+                metrics["num-examples"] = cap
+            reply.content["metrics"] = MetricRecord(metrics)
         except GateError as err:
             verdict.reason = str(err)
         return verdict

@@ -249,3 +249,16 @@ def test_a_resumed_run_meets_the_same_nan_reply_and_completes(run, tmp_path):
     assert [r["failures"][0].split(":")[0] for r in final["rounds"]] == ["hospital-b"] * 2
     rejected = [e["round"] for e in journal.read(resumed.journal) if e["event"] == "rejected"]
     assert rejected == [1, 2]
+
+
+def test_a_huge_evaluation_count_cannot_dominate_the_federated_evaluation(run):
+    strategy, _ = run()
+    replies = []
+    for node, (acc, count) in {1: (0.8, 100), 2: (0.0, 10**12)}.items():
+        content = RecordDict({"metrics": MetricRecord({"num-examples": count, "loss": 0.5,
+                                                       "accuracy": acc})})
+        replies.append(Message(content, reply_to=Message(RecordDict(), dst_node_id=node,
+                                                         message_type="evaluate")))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    # hospital-b's weight is capped at its expected examples (1000), not 10^12
+    assert metrics["accuracy"] == pytest.approx(0.8 * 100 / (100 + EXPECTED))
