@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedsilo.common.config_rules import cross_check
 from fedsilo.common.deidentify import ALL_KINDS, KindList
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -145,10 +146,14 @@ class FederationConfig(_Section):
     """Coordinator-side round settings."""
 
     num_rounds: int = Field(3, ge=1, description="federated rounds")
-    strategy: Literal["fedavg", "fedavgm", "fedadam", "scaffold"] = Field(
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "scaffold", "median",
+                      "trimmed-mean"] = Field(
         "fedavg", description="aggregation: fedavg, fedavgm (FedAvg with server momentum), "
-        "fedadam (server-side Adam) or scaffold (fedavgm plus SCAFFOLD's control variates "
-        "against label-skew drift; needs --optimizer sgd)")
+        "fedadam (server-side Adam), scaffold (fedavgm plus SCAFFOLD's control variates "
+        "against label-skew drift; needs --optimizer sgd), or the robust median / "
+        "trimmed-mean (coordinate-wise, unweighted; hold every update in memory)")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean: share of "
+                                 "the largest and of the smallest values dropped per coordinate")
     server_learning_rate: float = Field(0.05, gt=0, description="FedAdam server step size")
     server_momentum: float = Field(0.5, ge=0, lt=1, description="FedAvgM momentum on the "
                                    "averaged update (server step 1)")
@@ -253,37 +258,7 @@ class FedsiloConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FedsiloConfig:
-        if self.federation.min_train > self.federation.min_available:
-            raise ValueError(
-                f"--min-train ({self.federation.min_train}) cannot exceed --min-available "
-                f"({self.federation.min_available})"
-            )
-        fed, priv = self.federation, self.privacy
-        if fed.secure_aggregation and fed.strategy != "fedavg":
-            raise ValueError("--secure-aggregation works with --strategy fedavg only "
-                             f"(got --strategy {fed.strategy})")
-        if fed.secure_aggregation and priv.dp and priv.dp_level == "client":
-            raise ValueError("--secure-aggregation cannot be combined with --dp-level client "
-                             "(Flower adds client-level noise on its newer workflow only); "
-                             "use --dp-level record with SecAgg+")
-        if fed.update_dtype == "float16" and fed.secure_aggregation:
-            raise ValueError("--update-dtype float16 does not apply to --secure-aggregation, "
-                             "which quantizes updates itself; leave it at float32")
-        if (fed.update_dtype == "float16" and priv.dp and priv.dp_level == "client"
-                and priv.update_clipping == "institution"):
-            raise ValueError("--update-dtype float16 after clipping at the institution could "
-                             "round an update past --update-clipping-norm; use "
-                             "--update-clipping coordinator or float32")
-        if fed.resume and (fed.secure_aggregation or (priv.dp and priv.dp_level == "client")):
-            raise ValueError("--resume is not available with --secure-aggregation or "
-                             "--dp-level client (their protocol and accountant state live in "
-                             "Flower and are not checkpointed); start a new run")
-        if fed.strategy == "scaffold" and self.train.optimizer != "sgd":
-            raise ValueError("--strategy scaffold corrects plain SGD steps: add --optimizer sgd "
-                             "(and an SGD --learning-rate, e.g. 2 for the head)")
-        if priv.dp and priv.dp_level == "client" and fed.strategy != "fedavg":
-            raise ValueError("--dp-level client needs --strategy fedavg (Flower's accountant "
-                             "assumes a uniform average)")
+        cross_check(self)
         return self
 
     # ------------------------------------------------------------ flat view

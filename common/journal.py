@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,11 +30,22 @@ def digest(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {"sha256": sha.hexdigest(), "bytes": size}
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every NaN or infinite float written as its name (JSON has none)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def append(path: Path, event: str, **fields: Any) -> None:
     """Append one event to the journal at ``path`` (created with its folder if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                       "event": event, **fields}, allow_nan=False, default=str)
+    line = json.dumps(_plain({"time": dt.datetime.now(dt.UTC).isoformat(
+        timespec="milliseconds"), "event": event, **fields}), allow_nan=False, default=str)
     with path.open("a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()

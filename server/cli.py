@@ -39,14 +39,18 @@ from fedsilo.common.processes import (
     wait_for_port,
 )
 from fedsilo.common.task import freeze_labels
-from fedsilo.server import checkpoint, provision
+from fedsilo.server import checkpoint, gateway, provision
 from fedsilo.server.agreements import run_under, write_agreement
+from fedsilo.server.allowlist import allowlist_entries
 from fedsilo.server.dashboard import heartbeat, render
+from fedsilo.server.gate import ROSTER_ENV
 from fedsilo.server.launch import (
     LaunchError,
     LogFilter,
     SuperLink,
+    close_state_dir,
     run_to_completion,
+    write_roster,
     write_thin_app,
 )
 
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=9092, help="public port (Fleet API only)")
     srv.add_argument("--insecure", action="store_true",
                      help="no TLS and no institution authentication (local tests only)")
+    gateway.add_limit_arguments(srv, "gateway-")
     srv.add_argument("--verbose", action="store_true", help="echo Flower's log lines too")
     srv.add_argument("--agreement", type=Path, help="run under this federation agreement "
                      "(from `flower-server agreement`); the run must match its terms")
@@ -146,7 +151,8 @@ def start_gateway(args: argparse.Namespace, upstream_port: int,
            f"{args.host}:{args.port}", "--upstream", f"{scheme}://127.0.0.1:{upstream_port}"]
     cmd += ["--insecure"] if pki is None else [
         "--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"]),
-        "--ca", str(pki["ca"])]
+        "--ca", str(pki["ca"]), "--allowlist", str(args.pki)]
+    cmd += gateway.limit_flags(gateway.limits_from(args, "gateway-"))
     with log_file.open("ab") as out:
         proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -158,14 +164,17 @@ def start_gateway(args: argparse.Namespace, upstream_port: int,
     return proc
 
 
-def register_institutions(link: SuperLink, pki: Path) -> None:
-    """Register every allow-listed public key with the SuperLink (idempotent)."""
-    for name, pub in provision.load_allowlist(pki).items():
+def register_institutions(link: SuperLink, pki: Path, roster: Path) -> None:
+    """Register every allow-listed public key (idempotent); write the node roster."""
+    allowed = allowlist_entries(pki)
+    for name, entry in allowed.items():
+        pub = entry.public_key
         done = link.flwr("supernode", "register", str(pub), "fedsilo", "--name", name)
         text = done.stdout + done.stderr
         if done.returncode and "already" not in text.lower():
             raise LaunchError(f"cannot register {name} ({pub}):\n{text}")
         log.info("institution %s: key %s registered", name, pub)
+    write_roster(link, allowed, roster)
 
 
 def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
@@ -173,7 +182,11 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
     args.pki = args.pki.expanduser().resolve()
     pki = None if args.insecure else _pki_files(args.pki)
     state = args.state_dir.resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    try:
+        close_state_dir(state)
+    except LaunchError as err:
+        log.error("%s", err)
+        return 2
     link_args = ["--database", str(state / "state.db"), "--isolation", "subprocess",
                  "--disable-runtime-dependency-installation"]
     if pki is None:
@@ -182,15 +195,18 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
     else:
         link_args += ["--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"]),
                       "--ssl-ca-certfile", str(pki["ca"]), "--enable-supernode-auth"]
+    # The ServerApp names each reply's sender from this roster (node id → institution).
+    roster = state / "roster.json"
     link = SuperLink(home=state / "flwr-home", args=link_args, port=free_port(),
-                     tls_root=None if pki is None else pki["ca"])
-    gateway = None
+                     tls_root=None if pki is None else pki["ca"],
+                     extra_env={} if pki is None else {ROSTER_ENV: str(roster)})
+    proxy = None
     sink = LogFilter(Path(cfg.federation.output_dir) / "run.log", args.verbose)
     try:
         link.start()
-        gateway = start_gateway(args, link.port, pki, state / "gateway.log")
+        proxy = start_gateway(args, link.port, pki, state / "gateway.log")
         if pki is not None:
-            register_institutions(link, args.pki)
+            register_institutions(link, args.pki, roster)
         log.info("listening on %s:%d (Fleet API only); waiting for %d institution(s)",
                  args.host, args.port, cfg.federation.min_available)
         app = write_thin_app(state / "app", cfg)
@@ -207,7 +223,7 @@ def run(args: argparse.Namespace, cfg: FedsiloConfig) -> int:
         return 130
     finally:
         sink.close()
-        stop_group(gateway)
+        stop_group(proxy)
         link.stop()
     log.info("done: model in %s/model, metrics in %s/metrics.json",
              cfg.federation.output_dir, cfg.federation.output_dir)

@@ -34,7 +34,6 @@ from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
 from fedsilo.server.replies import ReportingMixin
-from fedsilo.server.report import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class ClientLevelCoordinatorClipping(
 
 
 def build_client_level_strategy(
-    cfg: FedsiloConfig, report: RunReport, inner_options: dict[str, object]
+    cfg: FedsiloConfig, inner_options: dict[str, object], reporting: dict[str, object],
 ) -> Strategy:
     """Wrap a uniform FedAvg in Flower's fixed-clipping DP wrapper with an accountant."""
     fed = cfg.federation
@@ -124,4 +123,4 @@ def build_client_level_strategy(
     return wrapper(strategy=inner, noise_multiplier=sigma,
                    clipping_norm=cfg.privacy.update_clipping_norm,
                    num_sampled_clients=fed.min_train, accountant=new_accountant(cfg),
-                   report=report, train=cfg.train, privacy=cfg.privacy)
+                   **reporting)

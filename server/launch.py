@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedsilo.common.certs import public_key_fingerprint
 from fedsilo.common.config import FedsiloConfig, toml_table
 from fedsilo.common.processes import BIN, child_env, free_port, stop_group, wait_for_port
+from fedsilo.server.allowlist import Allowed
+from fedsilo.server.gate import Roster
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +37,34 @@ CONNECTION = "fedsilo"
 
 class LaunchError(RuntimeError):
     """The SuperLink could not be started, or the run did not complete."""
+
+
+#: What the coordinator process and everything it starts may give away: nothing to
+#: group or others (state.db holds each institution's individual updates).
+PRIVATE_UMASK = 0o077
+
+
+def close_state_dir(state: Path) -> None:
+    """Make ``state`` the coordinator's private folder: 0700, everything in it owner-only.
+
+    Sets the process umask to :data:`PRIVATE_UMASK` (the SuperLink, ServerApp and
+    gateway inherit it, so ``state.db`` and the logs are created 0600) and takes group
+    and other bits off what an earlier run left there.
+
+    Raises
+    ------
+    LaunchError
+        If the folder belongs to another user (who could read or swap the state).
+    """
+    os.umask(PRIVATE_UMASK)
+    state.mkdir(parents=True, exist_ok=True)
+    if state.stat().st_uid != os.getuid():
+        raise LaunchError(f"--state-dir {state} belongs to another user; use a folder of "
+                          "your own (the coordinator's state holds institutions' updates)")
+    for path in [state, *state.rglob("*")]:
+        info = path.lstat()
+        if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
+            path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
 
 
 def write_thin_app(app_dir: Path, cfg: FedsiloConfig) -> Path:
@@ -69,13 +107,14 @@ class SuperLink:
     port: int = field(default_factory=free_port)
     tls_root: Path | None = None
     process: subprocess.Popen | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # inherited by the ServerApp
 
     @property
     def env(self) -> dict[str, str]:
         """Environment for Flower processes that talk to this SuperLink."""
         # RAY_DEDUP_LOGS=0: every institution's own line reaches the log in simulations.
         return child_env(FLWR_HOME=str(self.home), FLWR_DISABLE_UPDATE_CHECK="1",
-                         RAY_DEDUP_LOGS="0")
+                         RAY_DEDUP_LOGS="0", **self.extra_env)
 
     @property
     def log_file(self) -> Path:
@@ -157,9 +196,67 @@ class SuperLink:
             raise LaunchError(f"cannot read the status of run {run_id}:\n{done.stdout}"
                               f"{done.stderr}") from None
 
+    def node_keys(self) -> dict[int, bytes]:
+        """Node id → PEM public key of every SuperNode registered with this SuperLink.
+
+        Read through Flower's Control API client (``flwr supernode ls`` prints no keys).
+        """
+        done = subprocess.run([sys.executable, "-c", _LIST_NODES, CONNECTION], env=self.env,
+                              text=True, capture_output=True, check=False,
+                              stdin=subprocess.DEVNULL)
+        try:
+            return {int(k): bytes.fromhex(v)
+                    for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+        except (ValueError, IndexError, AttributeError):
+            raise LaunchError(f"cannot list the registered nodes (exit {done.returncode}):\n"
+                              f"{done.stdout}{done.stderr}") from None
+
     def cancel(self, run_id: int) -> None:
         """Ask the SuperLink to stop a run."""
         self.flwr("stop", str(run_id), CONNECTION)
+
+
+_LIST_NODES = """
+import json, sys
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.utils import init_http_client_from_connection
+from flwr.proto.control_pb2 import ListNodesRequest
+client = init_http_client_from_connection(read_superlink_connection(sys.argv[1]))
+nodes = client.ListNodes(ListNodesRequest()).nodes_info
+print(json.dumps({n.node_id: n.public_key.hex() for n in nodes if n.status != "unregistered"}))
+"""
+
+
+def write_roster(link: SuperLink, allowed: dict[str, Allowed], path: Path) -> Roster:
+    """Map every registered node to its allow-listed institution; store it at ``path``.
+
+    A node's institution is the allow-list entry whose key fingerprint matches the key
+    the node authenticates with; a registered key no longer on the allow-list maps to
+    nothing, so the gate rejects its replies. ``path`` is what ``$FEDSILO_ROSTER``
+    names for the ServerApp.
+    """
+    by_print = {entry.sha256: name for name, entry in allowed.items()}
+    nodes: dict[int, str] = {}
+    for node, pem in link.node_keys().items():
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except (ValueError, UnsupportedAlgorithm):
+            continue
+        if isinstance(key, ec.EllipticCurvePublicKey) and \
+                (name := by_print.get(public_key_fingerprint(key))) is not None:
+            nodes[node] = name
+    missing = sorted(set(allowed) - set(nodes.values()))
+    if missing:
+        raise LaunchError(f"no registered node for {', '.join(missing)}; see {link.log_file}")
+    roster = Roster(nodes, {name: entry.expected_examples for name, entry in allowed.items()
+                            if entry.expected_examples})
+    roster.write(path)
+    log.info("roster %s: %d institution node(s)", path, len(nodes))
+    if unknown := sorted(set(allowed) - set(roster.expected)):
+        log.warning("no expected-examples for %s: their replies' example counts are capped "
+                    "only by --max-examples (give `flower-server provision --institution NAME "
+                    "--expected-examples N`)", ", ".join(unknown))
+    return roster
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -1,9 +1,10 @@
-"""What every fedsilo strategy does with replies: report them, decode half-precision updates."""
+"""What every fedsilo strategy does with replies: gate, report and fold them as they arrive."""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,42 +28,28 @@ from fedsilo.common.bounds import (
 )
 from fedsilo.common.config import PrivacyConfig, TrainConfig
 from fedsilo.common.wire import named_arrays
-from fedsilo.server.report import RunReport, institution_name
-from fedsilo.server.validation import check_update
+from fedsilo.server.gate import Admission, Gate, load_roster
+from fedsilo.server.report import RunReport
 
 
-def decode_update(reply: Message, sent: ArrayRecord) -> Message:
-    """Turn a half-precision update (trained − received) back into float32 tensors.
-
-    Institutions with ``update-dtype = float16`` send their update in half precision;
-    the coordinator adds it to the float32 tensors it sent, so aggregation is float32.
-    Other replies are returned unchanged.
-    """
-    if reply.has_error() or "arrays" not in reply.content.array_records:
-        return reply
-    arrays = reply.content["arrays"]
-    if not any(a.dtype == "float16" for a in arrays.values()) or set(arrays) != set(sent):
-        return reply
-    base = named_arrays(sent)
-    decoded = {k: Array(np.asarray(base[k] + v.astype(np.float32), dtype=base[k].dtype))
-               for k, v in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
-    reply.content["arrays"] = ArrayRecord(decoded)
-    return reply
-
-
-def _journal_reply(report: RunReport, server_round: int, reply: Message) -> None:
-    """Journal one reply as received: who, its size and hash, or its error."""
+def _journal_received(report: RunReport, server_round: int, admitted: Admission) -> None:
+    """Journal one reply as received: who (authenticated), its size and hash, or its error."""
+    reply = admitted.reply
     node = reply.metadata.src_node_id
     if reply.has_error():
         journal.append(report.journal, "error", round=server_round, node=node,
-                       code=reply.error.code, reason=reply.error.reason)
+                       institution=admitted.name, code=reply.error.code,
+                       reason=reply.error.reason)
         return
     arrays = reply.content.array_records.get("arrays")
-    eps = float(reply.content["metrics"]["epsilon"])
+    metrics = reply.content.metric_records.get("metrics") or {}
+    eps = metrics.get("epsilon") if admitted.reason is None else None
     journal.append(report.journal, "received", round=server_round, node=node,
-                   institution=institution_name(reply),
+                   institution=admitted.name,
                    update=journal.digest(named_arrays(arrays)) if arrays is not None else None,
-                   epsilon=None if np.isinf(eps) else eps)
+                   epsilon=None if eps is None or math.isinf(float(eps)) else float(eps),
+                   **({"weight": admitted.weight, "claimed_examples": admitted.clamped_from}
+                      if admitted.clamped_from is not None else {}))
 
 
 @dataclass
@@ -73,7 +60,8 @@ class _Round:
     largest: float
     sums: dict[str, np.ndarray] = field(default_factory=dict)  # float64 Σ weight × tensor
     weight: float = 0.0
-    loss: float = 0.0  # Σ weight × train-loss
+    loss: float = 0.0  # Σ weight × train-loss (of the replies that carry one)
+    loss_weight: float = 0.0
     seen: set[str] = field(default_factory=set)  # message ids already absorbed
     accepted: list[Message] = field(default_factory=list)  # when updates are not folded
     seconds: float = 0.0
@@ -89,13 +77,16 @@ class _Round:
             else:
                 self.sums[key] = weight * value.astype(np.float64)
         self.weight += weight
-        self.loss += weight * float(metrics["train-loss"])
+        if "train-loss" in metrics:  # optional: institutions may not release it
+            self.loss += weight * float(metrics["train-loss"])
+            self.loss_weight += weight
         reply.content["arrays"] = ArrayRecord()
 
     def mean(self, weight_key: str) -> Message:
         """The folded updates as one reply: their weighted mean, weighted by the total."""
         arrays = ArrayRecord({k: Array(v / self.weight) for k, v in self.sums.items()})
-        metrics = MetricRecord({weight_key: self.weight, "train-loss": self.loss / self.weight})
+        metrics = MetricRecord({weight_key: self.weight, **(
+            {"train-loss": self.loss / self.loss_weight} if self.loss_weight else {})})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0,
                        message_type=MessageType.TRAIN)
 
@@ -113,9 +104,10 @@ class ReportingMixin:
     fold_updates = False
 
     def __init__(self, *, report: RunReport, train: TrainConfig, privacy: PrivacyConfig,
-                 **kwargs: object) -> None:
+                 gate: Gate | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.report, self.train, self.privacy = report, train, privacy
+        self.gate = gate if gate is not None else Gate(load_roster())
         self._sent = ArrayRecord()
         self._round_number = 0
         self._state: _Round | None = None
@@ -137,32 +129,47 @@ class ReportingMixin:
         return self._state
 
     def absorb(self, reply: Message) -> Message:
-        """Report, journal, decode and check one training reply of the current round.
+        """Gate, report and journal one training reply of the current round.
 
-        An accepted update is folded into the round's sum (``fold_updates``) or kept;
-        a rejected one is reported with its reason. Returns the reply (without its
-        tensors once folded).
+        Nothing reads the reply before :class:`~fedsilo.server.gate.Gate` has named its
+        sender, typed its metrics, set its weight and checked its update. An accepted
+        update is folded into the round's sum (``fold_updates``) or kept; a rejected one
+        is reported and journalled with its reason. Returns the reply (without its
+        tensors once folded; without its metrics when they were unusable).
         """
         state, server_round = self._current(), self._round_number
         started = time.perf_counter()
         state.seen.add(reply.metadata.message_id)
-        self.report.record_train(server_round, [reply])
-        _journal_reply(self.report, server_round, reply)
-        if not reply.has_error():
-            reply = decode_update(reply, self._sent)
-            reason = self._invalid(reply, state.sent, state.largest)
-            if reason is not None:
-                self.report.reject(server_round, institution_name(reply), reason)
-                journal.append(self.report.journal, "rejected", round=server_round,
-                               institution=institution_name(reply), reason=reason)
+        admitted = self.gate.admit_train(
+            reply, state.sent,
+            lambda weight, metrics: self._bound(weight, metrics, state.largest, reply))
+        reply = admitted.reply
+        _journal_received(self.report, server_round, admitted)
+        if reply.has_error() and admitted.reason is None:
+            self.report.record_train(server_round, [reply])
+        elif admitted.reason is not None:
+            self._reject(server_round, admitted)
+        else:
+            self.report.record_train(server_round, [reply])
+            self.on_accepted(reply, state.sent)
+            if self.fold_updates:
+                state.fold(reply, self.weighted_by_key)  # type: ignore[attr-defined]
             else:
-                self.on_accepted(reply, state.sent)
-                if self.fold_updates:
-                    state.fold(reply, self.weighted_by_key)  # type: ignore[attr-defined]
-                else:
-                    state.accepted.append(reply)
+                state.accepted.append(reply)
         state.seconds += time.perf_counter() - started
         return reply
+
+    def _reject(self, server_round: int, admitted: Admission) -> None:
+        """Report and journal a rejected reply; drop what it carried."""
+        self.report.reject(server_round, admitted.name, str(admitted.reason))
+        journal.append(self.report.journal, "rejected", round=server_round,
+                       node=admitted.reply.metadata.src_node_id,
+                       institution=admitted.name, reason=admitted.reason)
+        if not admitted.reply.has_error():
+            content = admitted.reply.content
+            content["arrays"] = ArrayRecord()
+            if admitted.weight == 0 and "metrics" in content.metric_records:
+                content["metrics"] = MetricRecord()  # unusable: fused evaluation skips it
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
         ArrayRecord | None, MetricRecord | None
@@ -192,30 +199,25 @@ class ReportingMixin:
         """Largest ``|c − c_i|`` sent to the reply's institution (0 without SCAFFOLD)."""
         return 0.0
 
-    def _invalid(self, reply: Message, sent: dict[str, np.ndarray], largest: float
-                 ) -> str | None:
-        """Why this update cannot be aggregated (structure, values, size), or None."""
-        if "arrays" not in reply.content.array_records:
-            return "the reply carries no tensors"
-        received = named_arrays(reply.content["arrays"])
-        metrics, train = reply.content["metrics"], self.train
-        examples = int(metrics["num-examples"])
+    def _bound(self, examples: int, metrics: Mapping[str, float | int], largest: float,
+               reply: Message) -> float | None:
+        """Largest coordinate change ``examples`` examples of local training can make."""
+        train = self.train
         steps = planned_steps(examples, train.batch_size, train.local_epochs)
-        bound: float | None = max_coordinate_change(
-            largest_learning_rate(train.learning_rate, train.encoder_learning_rate), steps, largest)
-        if train.optimizer == "sgd":
-            bound = None  # plain SGD without DP-SGD: no bound on a step
-            if self.privacy.dp and self.privacy.dp_level == "record":
-                bound = max_sgd_change(train.learning_rate, steps, examples,
-                                       train.batch_size, self.privacy.max_grad_norm,
-                                       float(metrics["noise-multiplier"]),
-                                       self.correction_size(reply))
-        return check_update(received, sent, bound)
+        if train.optimizer != "sgd":
+            return max_coordinate_change(
+                largest_learning_rate(train.learning_rate, train.encoder_learning_rate),
+                steps, largest)
+        if self.privacy.dp and self.privacy.dp_level == "record":
+            return max_sgd_change(train.learning_rate, steps, examples, train.batch_size,
+                                  self.privacy.max_grad_norm,
+                                  float(metrics["noise-multiplier"]), self.correction_size(reply))
+        return None  # plain SGD without DP-SGD: no bound on a step
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """Aggregate and report the institutions' local evaluations (and their test size)."""
-        replies = list(replies)
+        replies = [r for r in replies if self._evaluation_usable(server_round, r)]
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         if metrics is not None:  # Flower's mean leaves out the weight; report the total
             metrics = MetricRecord({**metrics, "num-examples": sum(
@@ -223,3 +225,15 @@ class ReportingMixin:
                 for r in replies if not r.has_error())})
         self.report.record_federated_eval(server_round, metrics)
         return metrics
+
+    def _evaluation_usable(self, server_round: int, reply: Message) -> bool:
+        """Gate one evaluation reply; report and journal it if it is rejected."""
+        admitted = self.gate.admit_evaluate(reply)
+        if admitted.reason is None:
+            return True
+        self.report.record_error(server_round, 0, f"{admitted.name}: evaluation rejected: "
+                                 f"{admitted.reason}", None)
+        journal.append(self.report.journal, "rejected", round=server_round, message="evaluate",
+                       node=reply.metadata.src_node_id, institution=admitted.name,
+                       reason=admitted.reason)
+        return False

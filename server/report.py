@@ -176,7 +176,8 @@ class RunReport:
         entry = self._round(server_round)
         entry["bytes_received"] += size
         entry["institutions"][name] = {
-            "num_examples": int(m["num-examples"]), "train_loss": float(m["train-loss"]),
+            "num_examples": int(m["num-examples"]),
+            "train_loss": float(m["train-loss"]) if "train-loss" in m else None,
             "epsilon": _finite(float(m["epsilon"])), "delta": float(m["delta"]),
             "noise_multiplier": float(m["noise-multiplier"]),
             "sample_rate": float(m["sample-rate"]), "steps": int(m["steps"]),
@@ -188,7 +189,7 @@ class RunReport:
 
     @staticmethod
     def _train_loss(entry: dict[str, Any]) -> None:
-        stats = entry["institutions"].values()
+        stats = [s for s in entry["institutions"].values() if s["train_loss"] is not None]
         total = sum(s["num_examples"] for s in stats)
         entry["train_loss"] = (sum(s["train_loss"] * s["num_examples"] for s in stats) / total
                                if total else None)

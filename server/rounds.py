@@ -57,7 +57,11 @@ def received_evaluations(replies: Iterable[Message]) -> list[Message]:
         content = RecordDict({"metrics": MetricRecord(metrics)})
         if INSTITUTION_KEY in reply.content:
             content[INSTITUTION_KEY] = reply.content[INSTITUTION_KEY]
-        evaluations.append(Message(content, dst_node_id=0, message_type=MessageType.EVALUATE))
+        # As if the sending node had replied to an evaluate message: the gate names
+        # the institution from this node id.
+        asked = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id,
+                        message_type=MessageType.EVALUATE)
+        evaluations.append(Message(content, reply_to=asked))
     return evaluations
 
 

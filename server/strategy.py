@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    Strategy,
+)
 
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.server.client_dp import build_client_level_strategy
+from fedsilo.server.gate import Gate, load_roster
 from fedsilo.server.replies import ReportingMixin
 from fedsilo.server.report import RunReport
 from fedsilo.server.scaffold import ReportingScaffold
 
 
 def _mean_train_loss(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean of ``train-loss`` (ε and δ are per institution, not averaged)."""
-    weights = [float(r["metrics"][weight_key]) for r in records]
-    losses = [float(r["metrics"]["train-loss"]) for r in records]
-    total = sum(weights)
-    return MetricRecord({"train-loss": sum(w * x for w, x in zip(weights, losses, strict=True))
-                         / total})
+    """Example-weighted mean of ``train-loss`` where given (ε, δ are per institution).
+
+    Institutions may not release their training loss; without any, the record is empty.
+    """
+    pairs = [(float(r["metrics"][weight_key]), float(r["metrics"]["train-loss"]))
+             for r in records if "train-loss" in r["metrics"]]
+    total = sum(w for w, _ in pairs)
+    return MetricRecord({"train-loss": sum(w * x for w, x in pairs) / total} if total else {})
 
 
 class ReportingFedAvg(ReportingMixin, FedAvg):
@@ -39,6 +49,18 @@ class ReportingFedAdam(ReportingMixin, FedAdam):
     fold_updates = True
 
 
+class ReportingMedian(ReportingMixin, FedMedian):
+    """Coordinate-wise median of the accepted models (Flower's FedMedian), unweighted.
+
+    An order statistic needs every update at once: the coordinator holds one update
+    per institution until the round is aggregated (no streaming sum).
+    """
+
+
+class ReportingTrimmedMean(ReportingMixin, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Flower's FedTrimmedAvg), unweighted; holds every update."""
+
+
 def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
     """Create the configured strategy (Message API; SecAgg+ runs in ``server.secagg``)."""
     fed = cfg.federation
@@ -52,18 +74,22 @@ def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
         "min_available_nodes": fed.min_train,
         "train_metrics_aggr_fn": _mean_train_loss,
     }
+    # Every reply passes the gate: names from the roster flower-server wrote, weights
+    # clamped to the allow-list's expected examples (else --max-examples).
+    mine: dict[str, object] = {"report": report, "train": cfg.train, "privacy": cfg.privacy,
+                               "gate": Gate(load_roster(), cfg.data.max_examples)}
     if cfg.privacy.dp and cfg.privacy.dp_level == "client":
-        return build_client_level_strategy(cfg, report, common)
+        return build_client_level_strategy(cfg, common, mine)
     if fed.strategy == "scaffold":
         return ReportingScaffold(**common, server_learning_rate=1.0,
-                                 server_momentum=fed.server_momentum, report=report,
-                                 train=cfg.train, privacy=cfg.privacy)
+                                 server_momentum=fed.server_momentum, **mine)
     if fed.strategy == "fedavgm":
         return ReportingFedAvgM(**common, server_learning_rate=1.0,
-                                server_momentum=fed.server_momentum, report=report,
-                                train=cfg.train, privacy=cfg.privacy)
+                                server_momentum=fed.server_momentum, **mine)
     if fed.strategy == "fedadam":
-        return ReportingFedAdam(**common, eta=fed.server_learning_rate, report=report,
-                                train=cfg.train, privacy=cfg.privacy)
-    return ReportingFedAvg(**common, report=report, train=cfg.train,
-                           privacy=cfg.privacy)
+        return ReportingFedAdam(**common, eta=fed.server_learning_rate, **mine)
+    if fed.strategy == "median":
+        return ReportingMedian(**common, **mine)
+    if fed.strategy == "trimmed-mean":
+        return ReportingTrimmedMean(**common, beta=fed.trim_fraction, **mine)
+    return ReportingFedAvg(**common, **mine)

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord
 
 from fedsilo.client.messages import Request, released_arrays
 from fedsilo.common.config import ConfigError, FedsiloConfig
-from fedsilo.server.replies import decode_update
+from fedsilo.server.gate import decode
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
 
@@ -26,10 +26,8 @@ def test_float16_round_trip_error_is_within_half_precision_of_the_update():
     assert all(a.dtype == np.float16 for a in wire.values())
     assert sum(a.nbytes for a in wire.values()) * 2 == sum(a.nbytes for a in trained.values())
 
-    reply = Message(RecordDict({"arrays": _record(wire)}), dst_node_id=1, message_type="train")
-    reply = Message(reply.content, reply_to=reply)
-    decoded = decode_update(reply, _record(received)).content["arrays"]
-    for key, value in zip(decoded.keys(), decoded.to_numpy_ndarrays(), strict=True):
+    decoded = decode(wire, received)
+    for key, value in decoded.items():
         assert value.dtype == np.float32
         delta = np.abs(trained[key] - received[key])
         # float16 keeps 11 significant bits; then one float32 addition.
@@ -40,9 +38,7 @@ def test_float16_round_trip_error_is_within_half_precision_of_the_update():
 
 def test_float32_replies_are_aggregated_unchanged():
     received = {"w": np.ones((2, 2), dtype=np.float32)}
-    reply = Message(RecordDict({"arrays": _record({"w": received["w"] * 3})}),
-                    dst_node_id=1, message_type="train")
-    out = decode_update(reply, _record(received)).content["arrays"].to_numpy_ndarrays()[0]
+    out = decode({"w": received["w"] * 3}, received)["w"]
     assert np.array_equal(out, received["w"] * 3)
 
 
