@@ -11,6 +11,7 @@ from make_long_texts import make_rows, write_csv
 
 from fedsilo.common import config
 from fedsilo.common.config import KEYS, ConfigError, FedsiloConfig, parse_labels
+from fedsilo.common.config_rules import cross_check
 from fedsilo.common.partition import partition_by_column, partition_dirichlet, partition_iid
 from fedsilo.server.cli import build_parser as server_parser
 
@@ -32,8 +33,10 @@ def _flags(parser) -> set[str]:
     return {s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")}
 
 
-CROSS_CHECKS = [  # one config per check in FedsiloConfig._cross_checks
+CROSS_CHECKS = [  # one config per check in common/config_rules.cross_check
     {"min-train": 5, "min-available": 2},
+    {"strategy": "median", "secure-aggregation": True},
+    {"strategy": "trimmed-mean", "dp-level": "client"},
     {"secure-aggregation": True, "strategy": "fedadam"},
     {"secure-aggregation": True, "dp-level": "client"},
     {"update-dtype": "float16", "secure-aggregation": True},
@@ -67,7 +70,7 @@ def _messages() -> list[str]:
 
 
 def test_every_cross_check_is_walked():
-    source = inspect.getsource(FedsiloConfig._cross_checks)
+    source = inspect.getsource(cross_check)
     messages = {m for m in _messages()[:len(CROSS_CHECKS)]}
     assert len(messages) == source.count("raise ValueError") == len(CROSS_CHECKS)
 
