@@ -295,8 +295,9 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
 
     A declined round (budget, duplicate, policy) is answered with an error whose
     reason starts with ``declined:``; the coordinator reports it apart from failures.
-    ``origin.age`` is the ClientApp process's age when the message reached it (start-up
-    and imports), reported as ``seconds-process``.
+    ``origin.age`` is the time before the task started (in the runtime: pulling the
+    inputs and checking the bundle; in a fresh process: its start-up and imports),
+    reported as ``seconds-process``.
     """
     entered = time.perf_counter()
     request = read_request(msg)
@@ -331,7 +332,7 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
     if evaluated:
         metrics["seconds-local-eval"] = started - set_up
     if origin.age is not None:
-        metrics["seconds-process"] = origin.age  # process age on entry: start-up + imports
+        metrics["seconds-process"] = origin.age  # time before the task started
     reply = train_reply(msg, request, task.data.name, metrics, released)
     _journal(task, context, request, "train", sent=journal.digest(released),
              num_examples=n, steps=result.steps,
