@@ -321,8 +321,10 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
         return Message(Error(code=SECAGG_RANGE_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
     n = len(task.train_set)
-    metrics = {"num-examples": n, **dp_metrics, "train-loss": result.loss,
-               "steps": result.steps, **_uniform_weight(task.cfg), **evaluated}
+    metrics = {"num-examples": n, **dp_metrics, "steps": result.steps,
+               **_uniform_weight(task.cfg), **evaluated}
+    if task.policy.evaluation == "exact":  # a simulation's: not DP, so never from a site
+        metrics["train-loss"] = result.loss
     if task.cfg.privacy.keep_updates:
         keep_update(_ledger_dir(task), task.fingerprint, task.run,
                     int(request.config["server-round"]), released, n)

@@ -5,7 +5,8 @@ then moves by exactly ``1/n`` (and the test count by 1) with the record in the t
 split or out of it. A deployed institution therefore releases no local evaluation by
 default (the coordinator evaluates on its own data), and with ``release-evaluation =
 true`` only Gaussian-noised counts, recorded in the ledger before the reply, once per
-round of the run.
+round of the run. The training loss of a round, exact and as easy to aim, is not
+released by a deployed institution either.
 """
 
 import json
@@ -60,6 +61,7 @@ def test_an_institution_releases_no_local_evaluation_by_default(cfg):
     reply = _send(cfg, "train", 1, release=False, **{EVALUATE_RECEIVED_KEY: True})
     assert not reply.has_error()
     assert not [k for k in reply.content["metrics"] if k.startswith(RECEIVED_PREFIX)]
+    assert "train-loss" not in reply.content["metrics"]  # the exact loss is not DP either
 
 
 def test_a_released_evaluation_is_noised_charged_first_and_capped(cfg):
