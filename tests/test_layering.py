@@ -1,6 +1,7 @@
 """The app split stays acyclic: common imports neither side; client and server not each other."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,21 @@ def test_readme_is_a_guide_with_measurements_in_docs():
     for script in sorted((ROOT / "bench").glob("*.py")):
         if script.name != "benchlib.py":
             assert f"bench/{script.name}" in benchmarks, f"docs/benchmarks.md lacks {script.name}"
+
+
+def named_modules(text: str) -> set[str]:
+    """Module paths a doc names in backticks (``client/…``, ``server/…``, … ending in .py)."""
+    return set(re.findall(r"`((?:client|server|common|simulations)/[\w/]+\.py)`", text))
+
+
+def test_named_modules_catches_a_missing_path():
+    doc = "`server/gate.py` `client/nowhere.py` `tests/x.py` `common/atomic.py` `plain.py`"
+    assert named_modules(doc) == {"server/gate.py", "client/nowhere.py", "common/atomic.py"}
+
+
+def test_architecture_names_only_modules_that_exist():
+    doc = (ROOT / "docs" / "architecture.md").read_text("utf-8")
+    named = named_modules(doc)
+    assert len(named) > 20, "docs/architecture.md should walk the round through the modules"
+    missing = sorted(p for p in named if not (ROOT / p).is_file())
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
