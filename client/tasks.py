@@ -357,7 +357,8 @@ def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
     request = read_request(msg)
     try:
         task = _setup(request, context, origin, evaluate=True)
-        metrics = _released_evaluation(task, context, request)
+        metrics = _released_evaluation(task, context, request,
+                                       int(request.config.get("server-round", 0)))
     except privacy.DeclinedError as err:
         log.warning("%s: %s", _name(context), err)
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
@@ -366,16 +367,22 @@ def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
                           {**metrics, **_uniform_weight(task.cfg)})
 
 
-def _released_evaluation(task: _Task, context: Context, request: Request) -> dict[str, float]:
-    """Evaluate and return what may leave (:func:`fedsilo.client.evaluation.released`)."""
+def _released_evaluation(task: _Task, context: Context, request: Request,
+                         model_round: int) -> dict[str, float]:
+    """Evaluate and return what may leave (:func:`fedsilo.client.evaluation.released`).
+
+    ``model_round`` is the round whose global model is evaluated: the ledger allows one
+    release per model, so a fused evaluation (round r's train message evaluates round
+    r − 1's model) and the final evaluate message (round R's model) never collide.
+    """
     cfg = task.cfg
     metrics, fields = evaluation.released(
         task.policy, request.legacy, lambda: evaluate(task.net, task.test_set, task.device),
         lambda: budget.open_ledger(_ledger_dir(task), task.fingerprint,
                                    cfg.privacy.accountant, task.policy),
-        task.run, int(request.config.get("server-round", 0)), cfg,
+        task.run, model_round, cfg,
         task.policy.delta(cfg.privacy.target_delta, len(task.train_set)))
-    _journal(task, context, request, "evaluate", **fields)
+    _journal(task, context, request, "evaluate", model_round=model_round, **fields)
     return metrics
 
 
@@ -388,7 +395,8 @@ def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[
     if request.legacy or not request.config.get(EVALUATE_RECEIVED_KEY):
         return {}
     try:
-        released = _released_evaluation(task, context, request)
+        released = _released_evaluation(task, context, request,
+                                        int(request.config["server-round"]) - 1)
     except privacy.DeclinedError as err:  # training goes on without it
         log.info("%s: %s", task.data.name, err)
         return {}

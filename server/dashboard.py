@@ -16,7 +16,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from fedsilo.common.live import ONE_OFF, duration, eta
+from fedsilo.common.live import ONE_OFF, describe_eval, duration, eta
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def render(out: Path) -> RenderableType:
                       if name in r["institutions"]), {})
         eps = stats.get("epsilon")
         table.add_row(name, str(stats.get("num_examples", "")),
-                      f"{stats['train_loss']:.4f}" if "train_loss" in stats else "",
+                      f"{stats['train_loss']:.4f}" if stats.get("train_loss") is not None else "",
                       "no DP" if eps is None else f"{eps:.3f}", _status(last, name))
     parts: list[RenderableType] = [head]
     # the latest evaluated model (federated evaluation of a round can come a round later)
@@ -80,9 +80,7 @@ def render(out: Path) -> RenderableType:
                       if r.get("centralized_eval") or r.get("federated_eval")), None)
     if evaluated:
         evals = evaluated.get("centralized_eval") or evaluated["federated_eval"]
-        parts.append(Text(f"after round {evaluated['round']}: accuracy "
-                          f"{evals['accuracy']:.3f}, macro-F1 {evals['macro_f1']:.3f}, "
-                          f"loss {evals['loss']:.4f}"))
+        parts.append(Text(f"after round {evaluated['round']}: {describe_eval(evals)}"))
     if names:
         parts.append(table)
     return Group(*parts)

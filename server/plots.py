@@ -53,14 +53,14 @@ def write_artefacts(doc: dict[str, Any], folder: Path) -> list[Path]:
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("centralized_eval", "coordinator holdout"),
                        ("federated_eval", "institutions' local test")):
-        points = [(r["round"], r[key]) for r in rounds if r[key]]
-        if points:
-            acc_ax.plot([p for p, _ in points], [e["accuracy"] for _, e in points], "o-",
-                        label=f"accuracy ({label})")
-            acc_ax.plot([p for p, _ in points], [e["macro_f1"] for _, e in points], "s--",
-                        label=f"macro-F1 ({label})")
-            loss_ax.plot([p for p, _ in points], [e["loss"] for _, e in points], "o-",
-                         label=f"loss ({label})")
+        for metric, ax, style, name in (("accuracy", acc_ax, "o-", "accuracy"),
+                                        ("macro_f1", acc_ax, "s--", "macro-F1"),
+                                        ("loss", loss_ax, "o-", "loss")):
+            # a noised release carries accuracy and a count only
+            points = [(r["round"], r[key][metric]) for r in rounds
+                      if r[key] and r[key].get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{name} ({label})")
     trained = [(r["round"], r["train_loss"]) for r in rounds if r["train_loss"] is not None]
     if trained:
         loss_ax.plot(*zip(*trained, strict=True), "^-", label="training loss (mean)")
@@ -70,7 +70,8 @@ def write_artefacts(doc: dict[str, Any], folder: Path) -> list[Path]:
     acc_ax.set(xlabel="round", ylabel="score", title="held-out accuracy", ylim=(0, 1))
     loss_ax.set(xlabel="round", ylabel="cross-entropy", title="loss")
     for ax in (acc_ax, loss_ax):
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # a deployed run may release no loss at all
+            ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

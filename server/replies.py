@@ -161,6 +161,8 @@ class ReportingMixin:
 
     def _reject(self, server_round: int, admitted: Admission) -> None:
         """Report and journal a rejected reply; drop what it carried."""
+        # the gate named the sender from its node's registered key: later lines name it too
+        self.report.names[admitted.reply.metadata.src_node_id] = admitted.name
         self.report.reject(server_round, admitted.name, str(admitted.reason))
         journal.append(self.report.journal, "rejected", round=server_round,
                        node=admitted.reply.metadata.src_node_id,

@@ -58,7 +58,7 @@ from flwr.app import Message
 
 from fedsilo.common import journal
 from fedsilo.common.atomic import write_json_atomic
-from fedsilo.common.live import eta
+from fedsilo.common.live import describe_eval, eta
 from fedsilo.common.task import EvalResult
 from fedsilo.common.wire import DECLINED_CODE, INSTITUTION_KEY, array_record_bytes
 
@@ -223,9 +223,9 @@ class RunReport:
         entry = self._round(server_round)
         entry["federated_eval"] = result = _eval_dict(metrics)
         if result and entry is not self.doc["rounds"][-1]:
-            log.info("round %d/%d | fed-eval acc %.3f macro-F1 %.3f (the institutions' "
-                     "evaluation of its model, sent with round %d's updates)", server_round,
-                     self.num_rounds, result["accuracy"], result["macro_f1"], server_round + 1)
+            log.info("round %d/%d | fed-eval %s (the institutions' evaluation of its model, "
+                     "sent with round %d's updates)", server_round, self.num_rounds,
+                     describe_eval(result), server_round + 1)
 
     def record_centralized_eval(self, server_round: int, result: EvalResult | None) -> None:
         """Record the coordinator's evaluation on its held-out set."""
@@ -248,8 +248,7 @@ class RunReport:
             parts.append(f"train loss {entry['train_loss']:.4f}")
         for label, key in (("eval", "centralized_eval"), ("fed-eval", "federated_eval")):
             if entry[key]:
-                parts.append(f"{label} acc {entry[key]['accuracy']:.3f} "
-                             f"macro-F1 {entry[key]['macro_f1']:.3f}")
+                parts.append(f"{label} {describe_eval(entry[key])}")
         eps = [f"{n} {s['epsilon']:.2f}" if s["epsilon"] is not None else f"{n} no-DP"
                for n, s in sorted(entry["institutions"].items())]
         if eps and self.doc["config"].get("dp-level") != "client":
@@ -262,8 +261,11 @@ class RunReport:
             if entry[key]:
                 parts.append(f"{len(entry[key])} {key}")
         if entry["round"] > 0:
-            heard = len(entry["institutions"]) + sum(len(entry[k]) for k in
-                                                     ("failures", "declined", "dropped"))
+            # one per institution that trained or was asked to: an evaluate reply that
+            # went missing too does not count it twice
+            missing = sum(1 for text in entry["dropped"] if ": train reply missing" in text)
+            heard = len(entry["institutions"]) + missing + sum(
+                len(entry[k]) for k in ("failures", "declined"))
             parts.append(f"{len(entry['institutions'])}/{heard} institutions aggregated")
         parts.append(f"{entry['seconds']:.0f}s")
         done = [r["seconds"] for r in self.doc["rounds"] if r["round"] > 0]

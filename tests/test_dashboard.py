@@ -29,7 +29,7 @@ def test_coordinator_view_shows_round_replies_eta_and_each_institution(tmp_path)
     assert "round 2/3 · train · 1/4 institutions replied" in text
     # round 1 carried the one-off encoder pass: no estimate from it alone
     assert "ETA after round 2 (round 1 included one-off work)" in text
-    assert "accuracy 0.500" in text and "3.250" in text
+    assert "acc 0.500" in text and "3.250" in text
     assert "hospital-a" in text and "aggregated" in text
 
 
@@ -39,7 +39,7 @@ def test_coordinator_view_shows_the_latest_evaluated_round(tmp_path):
         {"round": 1, "seconds": 10, "federated_eval": fed, "institutions": {}},
         {"round": 2, "seconds": 10, "federated_eval": None, "institutions": {}}]}))
     # round 2's federated evaluation comes with round 3's train replies
-    assert "after round 1: accuracy 0.750, macro-F1 0.500" in _text(render(tmp_path))
+    assert "after round 1: acc 0.750 macro-F1 0.500 loss 0.9000" in _text(render(tmp_path))
 
 
 def test_live_view_is_off_without_a_terminal(capsys, monkeypatch):

@@ -32,9 +32,17 @@ import os
 if os.environ.get("FEDSILO_TEST_HOSTILE"):
     import numpy as np
     from fedsilo.client import messages
+    import time
+    from pathlib import Path
     honest = messages.released_arrays
     def hostile(*args, **kwargs):
         out = honest(*args, **kwargs)
+        mark = os.environ.get("FEDSILO_TEST_HANG_MARK")
+        if mark and Path(mark + ".1").exists():  # second update: hang until killed
+            Path(mark + ".2").touch()
+            time.sleep(3600)
+        if mark:
+            Path(mark + ".1").touch()
         if os.environ["FEDSILO_TEST_HOSTILE"] == "nan":
             return {k: np.full_like(v, np.nan) for k, v in out.items()}
         return {k: v * 1e4 for k, v in out.items()}
@@ -157,13 +165,17 @@ def test_dropped_and_hostile_institutions_do_not_stop_the_run(site, tmp_path):
                      "--min-available", "4", "--straggler-timeout", "20",
                      "--agreement", str(agreement))
     hostile = {"hospital-c": "nan", "hospital-d": "huge"}
+    mark = tmp_path / "hospital-d-round"
     clients = {n: _client(site, kits[n], n, tmp_path / f"{n}.log",
                           PYTHONPATH=str(site["root"] / "hostile"),
-                          FEDSILO_TEST_HOSTILE=hostile.get(n, ""))
+                          FEDSILO_TEST_HOSTILE=hostile.get(n, ""),
+                          **({"FEDSILO_TEST_HANG_MARK": str(mark)} if n == "hospital-d" else {}))
                for n in NAMES}
     try:
-        _wait_for(out / "run.log", "round 2/2: training", server, 600)
-        time.sleep(2)
+        deadline = time.monotonic() + 600
+        while not Path(f"{mark}.2").exists():  # hospital-d has trained round 2, not replied
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
         _kill(clients["hospital-d"])  # dies mid-round 2
         code = server.wait(600)
     finally:

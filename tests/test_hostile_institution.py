@@ -113,6 +113,14 @@ def test_a_negative_or_odd_count_is_rejected(run, examples):
     assert report.doc["rounds"][-1]["failures"][0].startswith("hospital-b: rejected:")
 
 
+def test_a_rejected_institution_is_named_when_it_later_drops_out(run):
+    """Its node is on the roster: a later missing reply names it, not only its node id."""
+    strategy, report = run()
+    _aggregate(strategy, report, [_reply(1, 0.01), _reply(2, 0.05, _metrics(examples=-1))])
+    report.record_dropped(2, 2, "train", "no reply")
+    assert report.doc["rounds"][-1]["dropped"][0].startswith("hospital-b (node 2):")
+
+
 @pytest.mark.parametrize("changes", [{"epsilon": float("nan")}, {"train-loss": float("nan")},
                                      {"steps": None}, {"delta": 2.0}, {"epsilon": -1.0},
                                      {"received-accuracy": float("inf")},

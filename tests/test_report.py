@@ -90,3 +90,49 @@ def test_fused_evaluation_lands_on_the_round_it_evaluated(tmp_path, caplog):
     report.finish_round(3)  # written with the next round
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["rounds"][1]["federated_eval"]["macro_f1"] == 0.7
+
+
+def test_a_noised_evaluation_release_with_accuracy_only_is_reported(tmp_path):
+    """Institutions that release a noised evaluation send accuracy and a count only.
+
+    The coordinator used to index ``macro_f1`` and ``loss`` and fail the run after
+    round 1 (KeyError in the ServerApp) as soon as one institution opted in.
+    """
+    from fedsilo.server.dashboard import render
+    from fedsilo.server.plots import write_artefacts
+    from fedsilo.server.tracking import round_scalars
+
+    report = RunReport(tmp_path, ["a"], {"dp": True}, num_rounds=2)
+    report.record_train(1, [])
+    report.finish_round(1)
+    report.record_train(2, [])
+    report.record_federated_eval(1, {"num-examples": 40, "accuracy": 0.625})
+    line = report.progress_line(report.doc["rounds"][0])
+    report.finish_round(2)
+    assert "fed-eval acc 0.625" in line and "macro-F1" not in line
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["rounds"][0]["federated_eval"] == {"num_examples": 40.0, "accuracy": 0.625}
+    paths = write_artefacts(doc, tmp_path / "plots")
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert ("federated_eval/accuracy", 0.625) in list(round_scalars(doc["rounds"][0]))
+    (tmp_path / "progress.json").write_text(json.dumps(
+        {"round": 2, "phase": "train", "replied": 0, "expected": 1}))
+    from rich.console import Console
+    console = Console(width=140, record=True, file=__import__("io").StringIO())
+    console.print(render(tmp_path))
+    assert "after round 1: acc 0.625" in console.export_text()
+
+
+def test_an_institution_dropped_from_train_and_evaluate_counts_once(tmp_path):
+    report = RunReport(tmp_path, ["a"], {"dp": True}, num_rounds=1)
+    report.names[9] = "hospital-d"
+    for name in ("hospital-a", "hospital-b"):
+        report.record_update(1, name, {"num-examples": 10, "epsilon": 1.0, "delta": 1e-5,
+                                       "noise-multiplier": 1.0, "sample-rate": 0.1,
+                                       "steps": 3}, 100)
+    report.reject(1, "hospital-c", "holds NaN")
+    report.record_dropped(1, 9, "train", "no reply")
+    report.record_dropped(1, 9, "evaluate", "Node Unavailable")
+    entry = report.doc["rounds"][-1]
+    assert entry["dropped"][0].startswith("hospital-d (node 9): train reply missing")
+    assert "2/4 institutions aggregated" in report.progress_line(entry)
