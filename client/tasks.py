@@ -368,12 +368,13 @@ def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
 
 
 def _released_evaluation(task: _Task, context: Context, request: Request,
-                         model_round: int) -> dict[str, float]:
+                         model_round: int, event: str = "evaluate") -> dict[str, float]:
     """Evaluate and return what may leave (:func:`fedsilo.client.evaluation.released`).
 
     ``model_round`` is the round whose global model is evaluated: the ledger allows one
     release per model, so a fused evaluation (round r's train message evaluates round
-    r − 1's model) and the final evaluate message (round R's model) never collide.
+    r − 1's model, journalled as ``evaluate-received``) and the final evaluate message
+    (round R's model) never collide.
     """
     cfg = task.cfg
     metrics, fields = evaluation.released(
@@ -382,7 +383,7 @@ def _released_evaluation(task: _Task, context: Context, request: Request,
                                    cfg.privacy.accountant, task.policy),
         task.run, model_round, cfg,
         task.policy.delta(cfg.privacy.target_delta, len(task.train_set)))
-    _journal(task, context, request, "evaluate", model_round=model_round, **fields)
+    _journal(task, context, request, event, model_round=model_round, **fields)
     return metrics
 
 
@@ -396,7 +397,8 @@ def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[
         return {}
     try:
         released = _released_evaluation(task, context, request,
-                                        int(request.config["server-round"]) - 1)
+                                        int(request.config["server-round"]) - 1,
+                                        event="evaluate-received")
     except privacy.DeclinedError as err:  # training goes on without it
         log.info("%s: %s", task.data.name, err)
         return {}
