@@ -80,7 +80,7 @@ _KINDS: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("insecure", "allow-no-dp"), (bool,)),
     **dict.fromkeys(("target-epsilon", "target-delta", "max-grad-norm", "test-fraction",
                      "lifetime-epsilon"), (int, float)),
-    **dict.fromkeys(("max-examples", "runtime-port", "seed"), (int,)),
+    **dict.fromkeys(("max-examples", "runtime-port", "seed", "declared-examples"), (int,)),
 }
 _SCHEMA_KEYS = (*DATA_KEYS, "target-epsilon", "target-delta", "max-grad-norm")
 
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep retrying this long while the coordinator does not admit "
                         "this institution yet (it may still be registering keys)")
     for key in ALL_KEYS:
-        kind = (int if key in ("runtime-port", "seed") else float
+        kind = (int if key in ("runtime-port", "seed", "declared-examples") else float
                 if key in (*POLICY_KEYS[:3], "lifetime-epsilon") else None)
         if key in ("insecure", "allow-no-dp"):
             parser.add_argument(f"--{key}", action="store_true", default=None,
@@ -332,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     deidentify_check(settings)  # last: it journals, and bad input must leave no trace
     length_check(settings)  # the share of local texts the agreed max-length cuts
+    if not settings.get("declared-examples"):
+        log.warning("%s: no declared-examples in client.toml: each update reports the exact "
+                    "size of the training split (docs/privacy.md, 'Exact record counts')",
+                    settings[NAME_KEY])
     log.info("%s: local checks passed", settings[NAME_KEY])
     if args.check:
         return 0

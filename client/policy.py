@@ -16,6 +16,9 @@ coordinator sends can loosen the institution's policy:
 - the split of its data (``seed``, ``test-fraction``, ``max-examples``) is the
   institution's alone: set in client.toml, or the schema's defaults (42, 0.1, 0 = all),
   never the run's; a run that sends other values is logged and its values ignored;
+- the record count it releases (``declared-examples``): every value of a train reply that
+  would follow the exact count (``num-examples``, the sample rate, σ, the steps, the
+  automatic δ, the update's scale) follows the declared count instead;
 - its budget: ``lifetime-epsilon`` per dataset (default :data:`DEFAULT_LIFETIME_EPSILON`),
   the ledger's key ``dataset-id`` (default: the raw records' fingerprint) and the
   ``state-dir`` holding the ledger's markers.
@@ -46,7 +49,7 @@ SPLIT_KEYS = ("seed", "test-fraction", "max-examples")
 #: Node-config keys of the institution's privacy policy (its budget and what it releases).
 POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp",
                "lifetime-epsilon", "dataset-id", "state-dir", "release-evaluation",
-               "evaluation-noise")
+               "evaluation-noise", "declared-examples")
 #: Lifetime ε of a dataset whose institution sets no ``lifetime-epsilon``: one run at
 #: the default per-run ε of 8 fits, a second one does not.
 DEFAULT_LIFETIME_EPSILON = 10.0
@@ -83,6 +86,23 @@ class Policy:
     #: or, for a simulation's virtual institutions only, "exact" (:func:`evaluation_release`).
     evaluation: str = "none"
     evaluation_noise: float = EVALUATION_NOISE
+    #: The record count the institution releases in place of its exact one (0: exact).
+    declared_examples: int = 0
+
+    def released_count(self, num_examples: int) -> int:
+        """The count every released value follows: the declared one, else the exact one.
+
+        Privacy does not depend on it (Poisson sampling at the planned rate is what the
+        accountant counts); utility does, so a count far from the data is logged here.
+        """
+        if not self.declared_examples:
+            return num_examples
+        if abs(num_examples - self.declared_examples) > 0.2 * self.declared_examples:
+            log.warning("declared-examples = %d, but the training split has %d records: "
+                        "updates are scaled by about %.2f; set declared-examples closer to "
+                        "the data in client.toml", self.declared_examples, num_examples,
+                        num_examples / self.declared_examples)
+        return self.declared_examples
 
     def delta(self, requested: float, num_examples: int) -> float:
         """Effective δ: the run's (or automatic) δ, never above the institution's."""
@@ -140,10 +160,20 @@ def institution_config(
                     dataset_id=str(node.get("dataset-id", "")),
                     state_dir=str(node.get("state-dir", "")),
                     evaluation=evaluation_release(node, simulated=False),
-                    evaluation_noise=float(node.get("evaluation-noise", EVALUATION_NOISE)))
+                    evaluation_noise=float(node.get("evaluation-noise", EVALUATION_NOISE)),
+                    declared_examples=_declared(node))
     if not policy.lifetime_epsilon > 0:
         raise ConfigError("node config: lifetime-epsilon must be > 0; fix it in client.toml")
     return run.replace(**changes), policy
+
+
+def _declared(node: Mapping[str, object]) -> int:
+    """``declared-examples`` of the node config: a whole number ≥ 1, or 0 when unset."""
+    value = node.get("declared-examples", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"declared-examples = {value!r} in client.toml: use a whole number "
+                          "of records (≥ 1), or leave it out to release the exact count")
+    return value
 
 
 def _split(run: FedsiloConfig, node: Mapping[str, object]) -> dict[str, object]:

@@ -42,7 +42,15 @@ class DPPlan:
     planned_steps: int
     target_epsilon: float
     delta: float
+    #: The count the plan was made for (the institution's released count); Opacus's
+    #: expected batch is ``int(num_examples * sample_rate)``, as it computes it.
+    num_examples: int
     reserved: History = ()  # this run's other releases (noised evaluations), within its ε
+
+    @property
+    def expected_batch_size(self) -> int:
+        """What each noised step's sum is divided by (never the exact local count)."""
+        return max(int(self.num_examples * self.sample_rate), 1)
 
 
 def add_steps(history: list[tuple[float, float, int]], sigma: float, rate: float,
@@ -73,6 +81,8 @@ def plan(
 ) -> DPPlan:
     """Calibrate the noise multiplier for all planned rounds of one run with Opacus.
 
+    ``num_examples`` is the count the institution releases (``declared-examples``, else
+    the exact one): nothing in the plan follows the exact count when one is declared.
     Poisson sampling with expected batch ``batch_size`` gives sample rate
     ``1 / ceil(n / batch_size)`` and that many steps per epoch (as Opacus's
     ``DPDataLoader`` does). ``target_epsilon`` is the run's agreed ε, spent by this
@@ -95,7 +105,8 @@ def plan(
         sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                      sample_rate=sample_rate, steps=planned,
                                      accountant=accountant)
-        return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta)
+        return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta,
+                      num_examples)
 
     def fits(s: float) -> bool:
         return _epsilon((*reserved, (s, sample_rate, planned)), accountant, delta) <= target_epsilon
@@ -107,7 +118,8 @@ def plan(
     while sigma - low > 0.01 * sigma:
         mid = (low + sigma) / 2
         low, sigma = (low, mid) if fits(mid) else (mid, sigma)
-    return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta, reserved)
+    return DPPlan(sigma, sample_rate, steps_per_round, planned, target_epsilon, delta,
+                  num_examples, reserved)
 
 
 def check_lifetime(prior: History, dp_plan: DPPlan, accountant: str,

@@ -131,6 +131,8 @@ class _Task:
     timings: dict[str, float]
     run: int  # the run's key: its first Flower run id, the same after a --resume
     deidentify: dict[str, object]  # what was scrubbed: kinds and counts per file, no values
+    #: The record count every released value follows (``declared-examples``, else exact).
+    released_count: int
 
 
 def _setup(request: Request, context: Context, origin: Origin, evaluate: bool = False) -> _Task:
@@ -174,7 +176,7 @@ def _setup(request: Request, context: Context, origin: Origin, evaluate: bool = 
     timings = {"seconds-data": prepared - started, "seconds-model": loaded - prepared,
                "seconds-features": time.perf_counter() - loaded}
     return _Task(cfg, policy, data, fingerprint, train_in, test_in, model, net, device,
-                 received, timings, run, deidentify)
+                 received, timings, run, deidentify, policy.released_count(len(train_in)))
 
 
 def _ledger_dir(task: _Task) -> Path:
@@ -203,7 +205,8 @@ def _release(task: _Task, request: Request, context: Context) -> dict[str, np.nd
                  request.config[KEY_CLIPPING_NORM])
     released = released_arrays(request, state, task.received, task.cfg.federation.update_dtype)
     if request.legacy:
-        check_secagg_range(context, list(released.values()), len(task.train_set))
+        check_secagg_range(context, list(released.values()),
+                           task.released_count)
     return released
 
 
@@ -211,7 +214,7 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
     TrainResult, dict[str, float], dict[str, np.ndarray]
 ]:
     """Check the budget, train with DP-SGD, and record the spend before anything leaves."""
-    cfg, n = task.cfg, len(task.train_set)
+    cfg, n = task.cfg, task.released_count
     run, server_round = task.run, int(request.config["server-round"])
     ledger = budget.open_ledger(_ledger_dir(task), task.fingerprint, cfg.privacy.accountant,
                                 task.policy)
@@ -320,7 +323,7 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
         log.error("%s: %s", _name(context), err)
         return Message(Error(code=SECAGG_RANGE_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
-    n = len(task.train_set)
+    n = task.released_count  # declared, else exact
     metrics = {"num-examples": n, **dp_metrics, "steps": result.steps,
                **_uniform_weight(task.cfg), **evaluated}
     if task.policy.evaluation == "exact":  # a simulation's: not DP, so never from a site
@@ -382,7 +385,8 @@ def _released_evaluation(task: _Task, context: Context, request: Request,
         lambda: budget.open_ledger(_ledger_dir(task), task.fingerprint,
                                    cfg.privacy.accountant, task.policy),
         task.run, model_round, cfg,
-        task.policy.delta(cfg.privacy.target_delta, len(task.train_set)))
+        task.policy.delta(cfg.privacy.target_delta,
+                          task.released_count))
     _journal(task, context, request, event, model_round=model_round, **fields)
     return metrics
 

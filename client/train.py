@@ -205,10 +205,10 @@ def train_private(
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant = accountant
     private = make_private(
-        engine, model, _optimizer(model, cfg),
-        DataLoader(dataset, batch_size=cfg.train.batch_size),
+        engine, model, _optimizer(model, cfg), planned_loader(dataset, dp_plan),
         mode=cfg.privacy.grad_sample_mode, noise_multiplier=dp_plan.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm)
+    private.optimizer.expected_batch_size = dp_plan.expected_batch_size
     before = _accounted_steps(accountant)
     corrected = None
     try:
@@ -230,6 +230,18 @@ def train_private(
             corrected.remove()
     # Logical (noised) steps, as the accountant counted them; physical batches are not steps.
     return TrainResult(loss=result.loss, steps=_accounted_steps(accountant) - before)
+
+
+def planned_loader(dataset: TensorDataset, dp_plan: DPPlan) -> DataLoader:
+    """A loader Opacus turns into Poisson sampling at the plan's rate, for the plan's steps.
+
+    Opacus takes the sample rate and the steps per epoch from ``len(loader)`` and never
+    iterates the loader itself; sizing it from the plan (not from ``len(dataset)``) keeps
+    the exact local count out of the steps, the rate and the expected batch when the
+    institution declares its count (``declared-examples``).
+    """
+    steps_per_epoch = round(1 / dp_plan.sample_rate)
+    return DataLoader(dataset, batch_sampler=[[0]] * steps_per_epoch)
 
 
 def _accounted_steps(accountant: IAccountant) -> int:

@@ -51,6 +51,12 @@ max-grad-norm = 1.0
 # Where this institution's privacy ledger and its approved agreements live. Back it up;
 # `flower-client ledger show --config client.toml` prints ε spent / lifetime / left.
 ledger-dir = "ledger"
+# The record count this institution releases. Unset, each train reply carries the exact
+# size of the training split (num-examples, and the sample rate, sigma, steps and automatic
+# delta that follow from it). Set it, e.g. rounded to the hundred, and every one of them
+# follows the declared count instead; give the coordinator the same number
+# (`flower-server provision --expected-examples N`). Privacy does not depend on it.
+# declared-examples = 1000
 # How this institution splits its data (its own; the coordinator cannot change it):
 # seed = 42
 # test-fraction = 0.1

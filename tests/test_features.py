@@ -86,7 +86,8 @@ def test_dp_sgd_on_the_head_trains_the_models_own_tensors(tiny_bert):
     result = train_private(net, train_in, FedsiloConfig.from_flat({**cfg.to_flat(),
                                                                     "batch-size": 8}),
                            DPPlan(noise_multiplier=1.0, sample_rate=0.2, steps_per_round=5,
-                                  planned_steps=5, target_epsilon=8.0, delta=1e-5),
+                                  planned_steps=5, target_epsilon=8.0, delta=1e-5,
+                                  num_examples=40),
                            accountant, CPU)
     assert result.steps == 5 and accountant.history == [(1.0, 0.2, 5)]
     after = get_trainable_state(model)
