@@ -138,7 +138,7 @@ def institution_config(
             "declined: the coordinator's run turns DP off, which this institution's "
             "policy does not allow (set allow-no-dp = true in client.toml to permit it)"
         )
-    if run.privacy.dp and run.privacy.dp_level == "client" and not node.get("allow-no-dp"):
+    if run.privacy.client_level and not node.get("allow-no-dp"):
         raise PolicyError(
             "declined: the coordinator's run uses client-level DP, so this institution's "
             "update would leave without record-level noise (the coordinator adds noise "

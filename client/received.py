@@ -54,7 +54,7 @@ def received_bound(cfg: FedsiloConfig, done: int, initial_largest: float) -> flo
     examples one institution may weigh. None where the recipe bounds no step.
     """
     train, fed = cfg.train, cfg.federation
-    if train.optimizer != "adamw" or (cfg.privacy.dp and cfg.privacy.dp_level == "client"):
+    if train.optimizer != "adamw" or cfg.privacy.client_level:
         return None
     rate = largest_learning_rate(
         train.learning_rate, encoder_learning_rate(cfg.model.trainable,

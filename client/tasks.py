@@ -288,7 +288,7 @@ def _name(context: Context) -> str:
 
 def _uniform_weight(cfg: FedsiloConfig) -> dict[str, float]:
     """Client-level DP averages uniformly; Flower's accountant checks the weights."""
-    client_level = cfg.privacy.dp and cfg.privacy.dp_level == "client"
+    client_level = cfg.privacy.client_level
     return {UNIFORM_WEIGHT_KEY: 1.0} if client_level else {}
 
 
@@ -309,7 +309,7 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
         set_up = time.perf_counter()
         evaluated = _evaluate_received(task, context, request)
         started = time.perf_counter()
-        record_level = task.cfg.privacy.dp and task.cfg.privacy.dp_level == "record"
+        record_level = task.cfg.privacy.record_level
         result, dp_metrics, released = (_train_private if record_level
                                         else _train_without_record_dp)(task, request, context)
         trained = time.perf_counter()

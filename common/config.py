@@ -120,6 +120,16 @@ class PrivacyConfig(_Section):
     deidentify_floor: KindList = Field((), description="identifier kinds every institution "
         f"must scrub ({', '.join(ALL_KINDS)}, or 'all'); one that scrubs less declines the run")
 
+    @property
+    def record_level(self) -> bool:
+        """DP-SGD at each institution (Opacus): the guarantee for each record."""
+        return self.dp and self.dp_level == "record"
+
+    @property
+    def client_level(self) -> bool:
+        """Flower's client-level DP: the coordinator noises the aggregate."""
+        return self.dp and self.dp_level == "client"
+
 
 class TrainConfig(_Section):
     """Local optimisation at each institution."""

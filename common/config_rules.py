@@ -23,7 +23,7 @@ def cross_check(cfg: FedsiloConfig) -> None:
         raise ValueError(f"--strategy {fed.strategy} cannot run with --secure-aggregation: "
                          "SecAgg+ shows the coordinator only the sum of the updates, and a "
                          "median or trimmed mean needs each one; drop one of the two flags")
-    if fed.strategy in ROBUST and priv.dp and priv.dp_level == "client":
+    if fed.strategy in ROBUST and priv.client_level:
         raise ValueError(f"--strategy {fed.strategy} cannot run with --dp-level client: "
                          "client-level noise is calibrated to a uniform mean of clipped "
                          "updates, not to a median or trimmed mean; use --dp-level record "
@@ -31,25 +31,25 @@ def cross_check(cfg: FedsiloConfig) -> None:
     if fed.secure_aggregation and fed.strategy != "fedavg":
         raise ValueError("--secure-aggregation works with --strategy fedavg only "
                          f"(got --strategy {fed.strategy})")
-    if fed.secure_aggregation and priv.dp and priv.dp_level == "client":
+    if fed.secure_aggregation and priv.client_level:
         raise ValueError("--secure-aggregation cannot be combined with --dp-level client "
                          "(Flower adds client-level noise on its newer workflow only); "
                          "use --dp-level record with SecAgg+")
     if fed.update_dtype == "float16" and fed.secure_aggregation:
         raise ValueError("--update-dtype float16 does not apply to --secure-aggregation, "
                          "which quantizes updates itself; leave it at float32")
-    if (fed.update_dtype == "float16" and priv.dp and priv.dp_level == "client"
+    if (fed.update_dtype == "float16" and priv.client_level
             and priv.update_clipping == "institution"):
         raise ValueError("--update-dtype float16 after clipping at the institution could "
                          "round an update past --update-clipping-norm; use "
                          "--update-clipping coordinator or float32")
-    if fed.resume and (fed.secure_aggregation or (priv.dp and priv.dp_level == "client")):
+    if fed.resume and (fed.secure_aggregation or priv.client_level):
         raise ValueError("--resume is not available with --secure-aggregation or "
                          "--dp-level client (their protocol and accountant state live in "
                          "Flower and are not checkpointed); start a new run")
     if fed.strategy == "scaffold" and cfg.train.optimizer != "sgd":
         raise ValueError("--strategy scaffold corrects plain SGD steps: add --optimizer sgd "
                          "(and an SGD --learning-rate, e.g. 2 for the head)")
-    if priv.dp and priv.dp_level == "client" and fed.strategy != "fedavg":
+    if priv.client_level and fed.strategy != "fedavg":
         raise ValueError("--dp-level client needs --strategy fedavg (Flower's accountant "
                          "assumes a uniform average)")

@@ -210,7 +210,7 @@ class ReportingMixin:
             return max_coordinate_change(
                 largest_learning_rate(train.learning_rate, train.encoder_learning_rate),
                 steps, largest)
-        if self.privacy.dp and self.privacy.dp_level == "record":
+        if self.privacy.record_level:
             return max_sgd_change(train.learning_rate, steps, examples, train.batch_size,
                                   self.privacy.max_grad_norm,
                                   float(metrics["noise-multiplier"]), self.correction_size(reply))

@@ -78,7 +78,7 @@ def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
     # clamped to the allow-list's expected examples (else --max-examples).
     mine: dict[str, object] = {"report": report, "train": cfg.train, "privacy": cfg.privacy,
                                "gate": Gate(load_roster(), cfg.data.max_examples)}
-    if cfg.privacy.dp and cfg.privacy.dp_level == "client":
+    if cfg.privacy.client_level:
         return build_client_level_strategy(cfg, common, mine)
     if fed.strategy == "scaffold":
         return ReportingScaffold(**common, server_learning_rate=1.0,
