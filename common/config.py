@@ -351,23 +351,38 @@ def _explain(err: ValidationError, origin: str) -> str:
 
 
 # ------------------------------------------------------------------ argparse
-def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
-    """Add one ``--flag`` per setting of the given sections to ``parser``.
+#: Settings only a simulation's command offers: how one machine's data becomes virtual
+#: institutions and the coordinator's holdout. A deployed institution's data and split
+#: are its own (client.toml), so ``flower-server`` has no flag for them.
+SIMULATION_ONLY = frozenset({"data", "partition", "dirichlet-alpha", "partition-column",
+                             "test-fraction", "holdout-fraction"})
+#: Settings only ``flower-server`` sets (``agreement-id`` comes from ``--agreement``).
+COORDINATOR_ONLY = frozenset({"agreement-id"})
+ROLE_HIDES = {"coordinator": SIMULATION_ONLY, "simulation": COORDINATOR_ONLY}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str],
+                         role: Literal["coordinator", "simulation"]) -> None:
+    """Add one ``--flag`` per setting of the given sections that ``role`` uses.
 
     Flags default to ``argparse.SUPPRESS`` so that only what the user typed
     overrides the config; read them back with :func:`config_overrides`.
     """
+    hidden = ROLE_HIDES[role]
     for section in sections:
         group = parser.add_argument_group(f"{section} settings")
         cls = SECTIONS[section]
         for name, field in cls.model_fields.items():
             key = _key(name)
+            if key in hidden:
+                continue
             default = field.default
             shown = json.dumps(list(default)) if isinstance(default, tuple) else default
             kwargs: dict[str, Any] = {
                 "dest": f"cfg__{key}",
                 "default": argparse.SUPPRESS,
-                "help": f"{field.description} (default: {shown})",
+                # argparse expands %-formats in help: a literal "95%" must be "95%%"
+                "help": f"{field.description} (default: {shown})".replace("%", "%%"),
             }
             annotation = field.annotation
             if annotation is bool:

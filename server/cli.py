@@ -25,7 +25,12 @@ from cryptography.hazmat.primitives import serialization
 
 from fedsilo.common.agreement import DEFAULT_VALID_DAYS
 from fedsilo.common.certs import outside_validity
-from fedsilo.common.config import ConfigError, FedsiloConfig, add_config_arguments
+from fedsilo.common.config import (
+    SIMULATION_ONLY,
+    ConfigError,
+    FedsiloConfig,
+    add_config_arguments,
+)
 from fedsilo.common.config import config_overrides as typed_overrides
 from fedsilo.common.data import DataError
 from fedsilo.common.live import live_view
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--verbose", action="store_true", help="echo Flower's log lines too")
     srv.add_argument("--agreement", type=Path, help="run under this federation agreement "
                      "(from `flower-server agreement`); the run must match its terms")
-    add_config_arguments(parser, ["model", "data", "privacy", "train", "federation"])
+    add_config_arguments(parser, ["model", "data", "privacy", "train", "federation"],
+                         "coordinator")
     return parser
 
 
@@ -126,6 +132,12 @@ def _load_cert(path: Path, fix: str) -> x509.Certificate:
     return cert
 
 
+def simulation_flags(argv: list[str]) -> list[str]:
+    """The flags in ``argv`` that only a simulation offers (:data:`SIMULATION_ONLY`)."""
+    return [a.split("=")[0] for a in argv
+            if a.startswith("--") and a.split("=")[0][2:] in SIMULATION_ONLY]
+
+
 def resolve_config(args: argparse.Namespace) -> FedsiloConfig:
     """The run's settings (after checking --pki); the holdout split is simulation-only."""
     if not getattr(args, "insecure", True):  # refuse a bad --pki before anything starts
@@ -136,9 +148,6 @@ def resolve_config(args: argparse.Namespace) -> FedsiloConfig:
         folder = Path(str(flat["output-dir"])).expanduser().resolve()
         flat = checkpoint.load(folder).config | given | {"output-dir": str(folder)}
     cfg = FedsiloConfig.from_flat(flat, origin="command line")
-    if cfg.data.holdout_fraction:
-        raise ConfigError("--holdout-fraction is for simulations; give the coordinator's own "
-                          "held-out file with --eval-data")
     out = str(Path(cfg.federation.output_dir).expanduser().resolve())
     return freeze_labels(cfg.replace(output_dir=out))
 
@@ -255,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"days the agreement stays valid (default {DEFAULT_VALID_DAYS}, "
                             "or until the server certificate expires if sooner); institutions "
                             "decline runs under an expired agreement")
+    if wrong := simulation_flags(argv):
+        log.error("%s: simulation setting(s), not the coordinator's: each institution's data "
+                  "and split are its own (client.toml); run a simulation with "
+                  "simulations/run_simulation.py, and give the coordinator's own held-out "
+                  "file with --eval-data", ", ".join(wrong))
+        return 2
     args = parser.parse_args(argv[1:] if issuing else argv)
     try:
         cfg = resolve_config(args)

@@ -116,7 +116,7 @@ def check_args(args: argparse.Namespace, extra: list[str]) -> None:
     parser.add_argument("--client-cpus", type=int)
     parser.add_argument("--client-gpus", type=float)
     parser.add_argument("--verbose", action="store_true")
-    add_config_arguments(parser, list(SECTIONS))
+    add_config_arguments(parser, list(SECTIONS), "simulation")
     try:
         parsed, unknown = parser.parse_known_args(extra)
     except argparse.ArgumentError as err:

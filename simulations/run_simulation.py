@@ -76,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "--deidentify-floor all unless given")
     sim.add_argument("--verbose", action="store_true",
                      help="echo Flower's and Ray's log lines too (always kept in run.log)")
-    add_config_arguments(parser, ["model", "data", "privacy", "train", "federation"])
+    add_config_arguments(parser, ["model", "data", "privacy", "train", "federation"],
+                         "simulation")
     length = parser._option_string_actions["--max-length"]  # the simulation also takes auto
     length.type, length.metavar = _length_flag, "N|auto"
     length.help = (f"max tokens per text, or auto (default): the shortest length that holds "
-                   f"{lengths.COVERAGE:.0%} of the training texts whole, within the model's "
+                   f"{lengths.COVERAGE:.0%}% of the training texts whole, within the model's "
                    f"limit and {lengths.MEMORY_CAP} tokens")
     return parser
 

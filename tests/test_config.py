@@ -72,7 +72,7 @@ def test_labels_from_json_file_and_empty(tmp_path):
 
 def test_cli_flags_are_generated_from_the_schema_and_only_given_ones_override():
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser, ["privacy", "federation"])
+    add_config_arguments(parser, ["privacy", "federation"], "simulation")
     args = parser.parse_args(["--target-epsilon", "3", "--no-dp", "--strategy", "fedadam"])
     overrides = config_overrides(args)
     assert overrides == {"target-epsilon": 3.0, "dp": False, "strategy": "fedadam"}

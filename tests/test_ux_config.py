@@ -102,3 +102,20 @@ def test_column_partition_takes_the_institution_count_from_the_data(sim, tmp_pat
 def test_config_source_names_flags_not_setting_keys():
     text = inspect.getsource(config)
     assert "num_partitions" not in text and "'labels' must" not in text
+
+
+def test_each_command_offers_only_its_roles_settings(sim, logs):
+    """flower-server has no flags for the institutions' data and split; both --help work."""
+    from fedsilo.common.config import SIMULATION_ONLY
+    from fedsilo.server import cli as server_cli
+
+    simulation, server = _flags(sim.build_parser()), _flags(server_parser())
+    assert SIMULATION_ONLY <= simulation and not SIMULATION_ONLY & server
+    assert {"eval-data", "max-examples", "text-column"} <= server  # the coordinator's holdout
+    assert "agreement-id" in server and "agreement-id" not in simulation
+    assert server_cli.main(["--partition", "iid", "--num-rounds", "1"]) == 2
+    assert "--partition: simulation setting" in logs.text and "run_simulation.py" in logs.text
+    for parser in (sim.build_parser(), server_parser()):  # "95%" in a help text once broke it
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args(["--help"])
+        assert done.value.code == 0
