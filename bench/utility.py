@@ -72,7 +72,7 @@ def pooled_data(cfg: FedsiloConfig, out: Path) -> tuple[list[str], dict[str, Any
     return flags, facts
 
 
-def _run(name: str, flags: list[str], out: Path, common: list[str]) -> dict[str, Any]:
+def run_setting(name: str, flags: list[str], out: Path, common: list[str]) -> dict[str, Any]:
     """One simulation; its encoder-feature cache is shared with the seed's other runs.
 
     The cache is keyed by the tokenised records and the frozen weights, so runs that
@@ -117,10 +117,10 @@ def _seed_runs(seed: int, args: argparse.Namespace, sim: ModuleType
     central_flags, facts = pooled_data(cfg, out / "data")
     logging.info("seed %d, pooled data: %s", seed, facts)
     federated = [*common, *shlex.split(args.federated_flags)]
-    results = [_run(f"federated-eps-{e:g}", ["--target-epsilon", str(e)], out, federated)
+    results = [run_setting(f"federated-eps-{e:g}", ["--target-epsilon", str(e)], out, federated)
                for e in args.epsilons]
-    results.append(_run("federated-no-dp", ["--no-dp"], out, federated))
-    results.append(_run("centralized-no-dp", central_flags, out, common))
+    results.append(run_setting("federated-no-dp", ["--no-dp"], out, federated))
+    results.append(run_setting("centralized-no-dp", central_flags, out, common))
     central = results[-1]["accuracy"]
     for r in results:
         r["seed"] = seed
