@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Book-keeping step time of this tree against an earlier commit's, alternated in one run.
 
-The earlier ``client/bookkeeping.py`` is read from git (``--base``) and put in place of
+The earlier ``client/bk_clipping.py`` is read from git (``--base``) and put in place of
 this tree's inside :func:`fedsilo.client.train.make_private`; both then run
 ``bench/dp_step.py``'s timed steps on the same model and batch, alternating
 ``--repeats`` times; the table gives each version's fastest step (the least disturbed
@@ -27,7 +27,7 @@ import torch
 from benchlib import markdown, write
 from torch.utils.data import TensorDataset
 
-import fedsilo.client.bookkeeping as current
+import fedsilo.client.bk_clipping as current
 import fedsilo.client.train as local
 from fedsilo.common.config import ModelConfig
 from fedsilo.common.data import LabelMap
@@ -37,9 +37,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def earlier(commit: str, folder: Path) -> object:
-    """``client/bookkeeping.py`` as of ``commit``, imported as a module."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:client/bookkeeping.py"],
-                            check=True, capture_output=True, text=True).stdout
+    """``client/bk_clipping.py`` as of ``commit``, imported as a module.
+
+    Commits before the rename hold it as ``client/bookkeeping.py``.
+    """
+    for name in ("client/bk_clipping.py", "client/bookkeeping.py"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"--base {commit}: no client/bk_clipping.py or client/bookkeeping.py")
+    source = shown.stdout
     path = folder / "bookkeeping_base.py"
     path.write_text(source, "utf-8")
     spec = importlib.util.spec_from_file_location("bookkeeping_base", path)

@@ -1,6 +1,6 @@
 """The three budget numbers at work: a run's agreed ε, the dataset's lifetime ε, what is left.
 
-:mod:`fedsilo.client.tasks` calls these before any training step: open the dataset's
+:mod:`fedsilo.client.handlers` calls these before any training step: open the dataset's
 ledger (refused while it waits for the operator), then admit the run only if the
 dataset's remaining lifetime budget pays the run's whole agreed ε and the run stays
 within that ε. A decline's reason is generic; what is left is logged here only.

@@ -24,9 +24,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global tensors locally and reply with the update."""
     origin = current_origin()
     configure_logging()
-    from fedsilo.client import tasks  # torch, transformers, Opacus: once per process
+    from fedsilo.client import handlers  # torch, transformers, Opacus: once per process
 
-    return tasks.train(msg, context, origin)
+    return handlers.train(msg, context, origin)
 
 
 @app.evaluate()
@@ -34,6 +34,6 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received global tensors on the institution's held-out data."""
     origin = current_origin()
     configure_logging()
-    from fedsilo.client import tasks
+    from fedsilo.client import handlers
 
-    return tasks.evaluate_local(msg, context, origin)
+    return handlers.evaluate_local(msg, context, origin)

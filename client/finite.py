@@ -15,7 +15,7 @@ most ``C``) and the released update stay finite whatever model was received.
   example's coefficient. :func:`nonfinite_examples` finds such examples after the
   first pass; the training loop then recomputes the batch without them, which is
   the clipped sum with their contribution set to zero.
-- ``bk`` masks inside :mod:`fedsilo.client.bookkeeping`, in the same pass.
+- ``bk`` masks inside :mod:`fedsilo.client.bk_clipping`, in the same pass.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from fedsilo.common.wire import (
 
 log = logging.getLogger(__name__)
 
-#: What handles one message at the institution (:mod:`fedsilo.client.tasks`).
+#: What handles one message at the institution (:mod:`fedsilo.client.handlers`).
 Handler = Callable[[Message, Context, Origin], Message]
 
 

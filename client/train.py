@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
-from fedsilo.client.bookkeeping import BookKeepingClipper, BookKeepingLoss
+from fedsilo.client.bk_clipping import BookKeepingClipper, BookKeepingLoss
 from fedsilo.client.finite import finite_clipping, nonfinite_examples
 from fedsilo.client.privacy import DPPlan
 from fedsilo.common.bounds import BETA1, BETA2, WEIGHT_DECAY, encoder_learning_rate
@@ -157,7 +157,7 @@ def make_private(
 
     ``bk`` sets up Opacus's ghost-clipping optimizer, Poisson loader and accountant
     hook, then replaces ghost clipping's two backward passes with
-    :class:`~fedsilo.client.bookkeeping.BookKeepingClipper`'s one. In every mode an
+    :class:`~fedsilo.client.bk_clipping.BookKeepingClipper`'s one. In every mode an
     example whose gradient is not finite contributes zero (:mod:`fedsilo.client.finite`).
     """
     criterion = nn.CrossEntropyLoss()

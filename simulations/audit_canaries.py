@@ -7,7 +7,7 @@ The federation is trained with ``run_simulation.py`` (any flag not listed below 
 passed through to it, e.g. ``--no-dp``, ``--target-epsilon 1``, ``--local-epochs 4``),
 the final model scores every canary and the one-run membership test of Steinke, Nasr &
 Jagielski (2023) turns the guesses into a lower bound on ε at confidence 1 - β
-(see ``fedsilo.common.audit``). Without DP the audit should detect the canaries; with
+(see ``canary_audit``). Without DP the audit should detect the canaries; with
 DP the lower bound must stay at or below the ε the institution's accountant claims.
 
 Writes ``audit.json`` per run; ``--compare`` runs no DP, ε = 8 and ε = 1 with the same
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import canary_audit  # beside this script
 import numpy as np
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fedsilo.common import audit as canary_audit
 from fedsilo.common.config import (
     DEFAULT_MODEL,
     KEYS,

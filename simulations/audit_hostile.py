@@ -9,10 +9,10 @@ received-model bound of :mod:`fedsilo.client.received`), so that local accuracy 
 the canary exactly when it is in the institution's test split. Each canary is put
 into the institution's data with probability 1/2; the score of a canary is the number
 of correct predictions the reply implies (accuracy × num-examples; a declined request
-scores 0) and ``fedsilo.common.audit`` turns the guesses into a lower bound on ε.
+scores 0) and ``canary_audit`` turns the guesses into a lower bound on ε.
 
 Three institution settings, each against the same data and canaries, through the
-institution's own handler (``fedsilo.client.tasks.evaluate_local``):
+institution's own handler (``fedsilo.client.handlers.evaluate_local``):
 
 - ``exact``: every request answered with exact metrics (what every institution did
   before issue 24, and what a simulation's virtual institutions still do);
@@ -31,16 +31,16 @@ import logging
 import sys
 from pathlib import Path
 
+import canary_audit  # beside this script
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsilo.client import tasks
+from fedsilo.client import handlers
 from fedsilo.client.ledger import Ledger
 from fedsilo.client.received import received_bound
 from fedsilo.client.runtime_bundle import Origin
-from fedsilo.common import audit as canary_audit
 from fedsilo.common import features
 from fedsilo.common.config import DEFAULT_MODEL, FedsiloConfig, ModelConfig
 from fedsilo.common.data import TextRecords, icd10_label_names, load_records
@@ -135,7 +135,7 @@ def _ask(cfg: FedsiloConfig, node: dict, head: dict[str, np.ndarray], server_rou
                   dst_node_id=1, message_type="evaluate")
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
                       run_config=cfg.to_flat())
-    reply = tasks.evaluate_local(msg, context, Origin(None, None))
+    reply = handlers.evaluate_local(msg, context, Origin(None, None))
     if reply.has_error():
         return None
     m = reply.content["metrics"]

@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import canary_audit as audit  # simulations/ (pytest's pythonpath)
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fedsilo.common import audit
 from fedsilo.common.config import DataConfig
 from fedsilo.common.datasets import simulated_institution
 

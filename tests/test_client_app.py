@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
-from fedsilo.client import client_app, tasks
+from fedsilo.client import client_app, handlers
 from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.model import get_trainable_state, load_model, trainable_names
@@ -66,7 +66,7 @@ def test_train_declines_when_the_budget_is_spent_before_any_step(cfg, monkeypatc
     context = _context(cfg)
     for server_round in (1, 2, 3):
         assert not client_app.train(_message(cfg, "train", server_round)[0], context).has_error()
-    monkeypatch.setattr(tasks, "train_private", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr(handlers, "train_private", lambda *a: pytest.fail("trained"))
     reply = client_app.train(_message(cfg, "train", 4)[0], context)
     assert reply.has_error() and reply.error.code == DECLINED_CODE
     assert "institution-1: declined" in reply.error.reason and "above the target 5.0" in \
@@ -77,7 +77,7 @@ def test_a_repeated_round_resends_the_same_update_and_is_counted_once(cfg, monke
     """A resumed coordinator asks again: same bytes out, no new spend, one ledger line."""
     context = _context(cfg)
     first = client_app.train(_message(cfg, "train", 1)[0], context)
-    monkeypatch.setattr(tasks, "train_private", lambda *a: pytest.fail("trained twice"))
+    monkeypatch.setattr(handlers, "train_private", lambda *a: pytest.fail("trained twice"))
     again = client_app.train(_message(cfg, "train", 1)[0], context)
     assert not again.has_error()
     assert journal.digest(named_arrays(again.content["arrays"])) == \
@@ -103,7 +103,7 @@ def test_a_repeated_round_with_another_global_model_is_declined(cfg, monkeypatch
     name = next(iter(arrays))
     arrays[name] = arrays[name] + 0.5  # not the model round 1 was trained from
     msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    monkeypatch.setattr(tasks, "train_private", lambda *a: pytest.fail("trained twice"))
+    monkeypatch.setattr(handlers, "train_private", lambda *a: pytest.fail("trained twice"))
     again = client_app.train(msg, context)
     assert again.has_error() and again.error.code == DECLINED_CODE
     assert "already trained" in again.error.reason
@@ -122,7 +122,7 @@ def test_the_run_key_survives_a_new_flower_run(cfg, monkeypatch):
     msg.content["config"]["fedsilo-run"] = 1
     resumed = Context(run_id=99, node_id=7, state=RecordDict(), run_config=cfg.to_flat(),
                       node_config={"partition-id": 1, "num-partitions": 3})
-    monkeypatch.setattr(tasks, "train_private", lambda *a: pytest.fail("trained twice"))
+    monkeypatch.setattr(handlers, "train_private", lambda *a: pytest.fail("trained twice"))
     again = client_app.train(msg, resumed)
     assert again.content["metrics"]["epsilon"] == first.content["metrics"]["epsilon"]
 

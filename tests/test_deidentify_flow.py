@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from make_identifiers import KINDS, planted_notes
 from transformers import AutoTokenizer
 
-from fedsilo.client import cli, client_app, runtime_launch, tasks
+from fedsilo.client import cli, client_app, handlers, runtime_launch
 from fedsilo.common import journal
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
@@ -95,7 +95,7 @@ def test_the_ledger_fingerprint_is_the_same_with_scrubbing_on_and_off(tiny_bert,
 @pytest.fixture
 def agreed(monkeypatch):
     """The run is one the institution approved (agreements are tested in test_agreement)."""
-    monkeypatch.setattr(tasks, "check_run", lambda *args: None)
+    monkeypatch.setattr(handlers, "check_run", lambda *args: None)
 
 
 @pytest.mark.usefixtures("agreed")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsilo.client import privacy
-from fedsilo.client.bookkeeping import BookKeepingClipper
+from fedsilo.client.bk_clipping import BookKeepingClipper
 from fedsilo.client.train import _run_epochs, make_private, train_private
 from fedsilo.common.config import FedsiloConfig, ModelConfig
 from fedsilo.common.data import LabelMap

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedsilo.client import budget, client_app, tasks
+from fedsilo.client import budget, client_app, handlers
 from fedsilo.client.ledger import Ledger
 from fedsilo.client.policy import institution_config
 from fedsilo.client.privacy import BudgetExceededError
@@ -86,7 +86,7 @@ def _train(cfg: FedsiloConfig, node: dict[str, object], run: int) -> Message:
 @pytest.mark.usefixtures("task_identity")
 def test_a_second_run_on_a_nearly_spent_budget_is_declined_and_reported(
         site, run_cfg, tmp_path, monkeypatch, logs):
-    monkeypatch.setattr(tasks, "check_run", lambda *a: None)
+    monkeypatch.setattr(handlers, "check_run", lambda *a: None)
     first = _train(run_cfg, site, run=1)
     assert not first.has_error(), first.error if first.has_error() else ""
     ledger_dir = Path(str(site["ledger-dir"]))
@@ -125,7 +125,7 @@ def test_a_deleted_ledger_refuses_training_until_the_operator_confirms(
         site, run_cfg, tmp_path, monkeypatch):
     from fedsilo.client import cli
 
-    monkeypatch.setattr(tasks, "check_run", lambda *a: None)
+    monkeypatch.setattr(handlers, "check_run", lambda *a: None)
     node = {**site, "lifetime-epsilon": 100.0}
     assert not _train(run_cfg, node, run=1).has_error()
     ledger_dir = Path(str(site["ledger-dir"]))

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
-from fedsilo.client import client_app, tasks, train
+from fedsilo.client import client_app, handlers, train
 from fedsilo.client.policy import institution_config
 from fedsilo.client.privacy import DPPlan
 from fedsilo.client.train import make_private
@@ -67,7 +67,7 @@ def _released(cfg: FedsiloConfig, node: dict[str, object]) -> dict[str, float]:
 @pytest.mark.usefixtures("task_identity")
 def test_neighbouring_datasets_release_the_same_values_under_a_declared_count(
         run_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks, "check_run", lambda *a: None)  # the agreement is not the subject
+    monkeypatch.setattr(handlers, "check_run", lambda *a: None)  # the agreement is not the subject
     # 91 and 92 records: the test split takes 10 of each, leaving 81 and 82 to train on.
     exact = [_released(run_cfg, _site(tmp_path / "exact", rows)) for rows in (91, 92)]
     assert exact[0]["num-examples"] != exact[1]["num-examples"]  # today: the exact count

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedsilo.client import client_app, tasks
+from fedsilo.client import client_app, handlers
 from fedsilo.client.messages import GENERIC_REASONS
 from fedsilo.client.received import received_bound
 from fedsilo.common import journal
@@ -73,8 +73,8 @@ def _refused(reply):
 ])
 def test_a_crafted_head_is_refused_before_any_use(cfg, monkeypatch, kind, server_round,
                                                   scale, bias, logs):
-    monkeypatch.setattr(tasks, "train_private", lambda *a, **k: pytest.fail("trained"))
-    monkeypatch.setattr(tasks, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr(handlers, "train_private", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(handlers, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
     crafted = _crafted(_initial(cfg), scale, bias)
     assert all(np.isfinite(v).all() for v in crafted.values())
     reply = _send(cfg, crafted, kind, server_round)
