@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedsilo.common.data import TextRecords
+from fedsilo.common.records import TextRecords
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The demo's script (not a package); benchmarks run it and read its defaults.

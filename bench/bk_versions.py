@@ -30,8 +30,8 @@ from torch.utils.data import TensorDataset
 import fedsilo.client.bk_clipping as current
 import fedsilo.client.train as local
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import load_model, resolve_device
+from fedsilo.common.records import LabelMap
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,8 +30,8 @@ from typing import Any
 
 from benchlib import RESULTS, SIMULATION, markdown, write
 
-from fedsilo.common.data import TextRecords, load_records
 from fedsilo.common.deidentify import DeidSettings, Report, Scrubber
+from fedsilo.common.records import TextRecords, load_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from make_identifiers import planted_notes  # noqa: E402

@@ -48,9 +48,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedsilo.client.train import make_private
 from fedsilo.common import features
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.features import logits
 from fedsilo.common.model import load_model, resolve_device
+from fedsilo.common.records import LabelMap
 
 MODES = ("bk", "ghost", "hooks", "functorch", "ew")
 TRAINABLE = ("all", "top-k", "lora", "classifier", "head-features")

@@ -54,8 +54,6 @@ import fedsilo.client.train as local
 from fedsilo.client.privacy import plan
 from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.data import LabelMap
-from fedsilo.common.datasets import simulated_institution, split_holdout
 from fedsilo.common.features import prepare
 from fedsilo.common.model import (
     get_trainable_state,
@@ -65,6 +63,8 @@ from fedsilo.common.model import (
     resolve_model_path,
     set_trainable_state,
 )
+from fedsilo.common.records import LabelMap
+from fedsilo.common.splits import simulated_institution, split_holdout
 from fedsilo.common.task import encode, evaluate, federation_labels
 
 #: The toy task: content tokens, their classes, the marker, the sequence length.

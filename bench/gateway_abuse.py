@@ -28,9 +28,9 @@ from typing import Any
 
 from benchlib import markdown, write, write_csv
 
-from fedsilo.common.data import load_records
-from fedsilo.common.datasets import take
 from fedsilo.common.processes import BIN, child_env, free_port, stop_group
+from fedsilo.common.records import load_records
+from fedsilo.common.splits import take
 from fedsilo.server.provision import provision
 
 NAMES = ("hospital-a", "hospital-b")

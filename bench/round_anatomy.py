@@ -44,9 +44,9 @@ import numpy as np
 from benchlib import markdown, simulation, write, write_csv
 
 from fedsilo.common.config import DataConfig
-from fedsilo.common.datasets import split_holdout, take
 from fedsilo.common.partition import partition_dirichlet
 from fedsilo.common.processes import BIN, child_env, free_port, stop_group
+from fedsilo.common.splits import split_holdout, take
 from fedsilo.server.provision import provision
 
 PARTS = ("process", "data", "model", "features", "local-eval", "train")

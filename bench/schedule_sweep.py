@@ -36,7 +36,6 @@ from fedsilo.client.privacy import plan
 from fedsilo.client.train import train_plain, train_private
 from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.datasets import simulated_institution, split_holdout
 from fedsilo.common.features import Head, prepare
 from fedsilo.common.model import (
     get_trainable_state,
@@ -44,6 +43,7 @@ from fedsilo.common.model import (
     load_tokenizer,
     set_trainable_state,
 )
+from fedsilo.common.splits import simulated_institution, split_holdout
 from fedsilo.common.task import encode, evaluate, federation_labels
 
 INSTITUTIONS = 3

@@ -44,8 +44,8 @@ from benchlib import markdown, write
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap, icd10_label_names
 from fedsilo.common.model import load_model, resolve_model_path
+from fedsilo.common.records import LabelMap, icd10_label_names
 
 SCRIPT = Path(__file__).resolve().parents[1] / "simulations" / "run_simulation.py"
 MIB = 2**20

@@ -17,8 +17,8 @@ from flwr.app import Array, ArrayRecord
 
 from fedsilo.client.messages import Request, released_arrays
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap, icd10_label_names
 from fedsilo.common.model import get_trainable_state, load_model
+from fedsilo.common.records import LabelMap, icd10_label_names
 from fedsilo.common.wire import array_record_bytes
 
 SETS = ("all", "top-k", "lora", "classifier")

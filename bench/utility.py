@@ -45,7 +45,7 @@ from typing import Any
 from benchlib import RESULTS, SIMULATION, markdown, simulation, write, write_csv
 
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.datasets import simulated_institution, split_holdout
+from fedsilo.common.splits import simulated_institution, split_holdout
 
 INSTITUTIONS = 3
 #: The acceptance target: federated ε = 8 within this many accuracy points of centralized.

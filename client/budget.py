@@ -15,8 +15,8 @@ from fedsilo.client import privacy
 from fedsilo.client.ledger import Ledger, dataset_fingerprint
 from fedsilo.client.policy import Policy
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.data import load_records
-from fedsilo.common.datasets import InstitutionData
+from fedsilo.common.records import load_records
+from fedsilo.common.splits import InstitutionData
 
 log = logging.getLogger(__name__)
 

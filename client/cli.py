@@ -52,11 +52,11 @@ from fedsilo.common.config import (
     ModelConfig,
     parse_labels,
 )
-from fedsilo.common.data import DataError, LabelMap, load_records
 from fedsilo.common.deidentify import DeidSettings
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
 from fedsilo.common.processes import free_port, stop_group, terminate_on_sigterm
+from fedsilo.common.records import DataError, LabelMap, load_records
 
 log = logging.getLogger("fedsilo.client")
 

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from fedsilo.client.policy import DEID_KEY, LEDGER_KEY, NAME_KEY
 from fedsilo.common import journal
-from fedsilo.common.data import TextRecords, load_records
 from fedsilo.common.deidentify import DeidentifyError, DeidSettings, Report, scrubber_for
+from fedsilo.common.records import TextRecords, load_records
 
 log = logging.getLogger("fedsilo.client")
 

@@ -47,12 +47,6 @@ from fedsilo.client.runtime_bundle import Origin
 from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.datasets import (
-    InstitutionData,
-    deidentified,
-    local_institution,
-    simulated_institution,
-)
 from fedsilo.common.deidentify import DeidSettings, scrubber_for
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import (
@@ -62,6 +56,12 @@ from fedsilo.common.model import (
     resolve_device,
     set_trainable_state,
     trainable_names,
+)
+from fedsilo.common.splits import (
+    InstitutionData,
+    deidentified,
+    local_institution,
+    simulated_institution,
 )
 from fedsilo.common.task import evaluate, federation_labels
 from fedsilo.common.token_cache import encode_cached

@@ -20,8 +20,8 @@ from fedsilo.client.policy import LEDGER_KEY
 from fedsilo.common import lengths
 from fedsilo.common.agreement import expired
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig
-from fedsilo.common.data import DataError, load_records
 from fedsilo.common.model import ModelError, load_tokenizer
+from fedsilo.common.records import DataError, load_records
 
 log = logging.getLogger("fedsilo.client")
 

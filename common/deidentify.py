@@ -46,7 +46,7 @@ from pydantic import (
 )
 
 from fedsilo.common.atomic import write_json_atomic
-from fedsilo.common.data import TextRecords
+from fedsilo.common.records import TextRecords
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from transformers import (
 from transformers.utils import cached_file
 
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.lora import LORA_MARK, add_lora
 from fedsilo.common.pooling import MODEL_TYPE as MEAN_POOL_TYPE
 from fedsilo.common.pooling import MeanPoolBertConfig, MeanPoolBertForSequenceClassification
+from fedsilo.common.records import LabelMap
 
 log = logging.getLogger("fedsilo.model")
 

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.data import LabelMap, TextRecords, icd10_label_names, load_records
 from fedsilo.common.features import logits
 from fedsilo.common.metrics import accuracy, macro_f1
+from fedsilo.common.records import LabelMap, TextRecords, icd10_label_names, load_records
 
 
 def federation_labels(cfg: FedsiloConfig) -> LabelMap:

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-from fedsilo.common.data import LabelMap, TextRecords
+from fedsilo.common.records import LabelMap, TextRecords
 from fedsilo.common.task import encode
 from fedsilo.common.tensor_files import load_tensors, save_tensors
 

@@ -32,7 +32,6 @@ from fedsilo.common.config import (
     add_config_arguments,
 )
 from fedsilo.common.config import config_overrides as typed_overrides
-from fedsilo.common.data import DataError
 from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer
@@ -43,6 +42,7 @@ from fedsilo.common.processes import (
     terminate_on_sigterm,
     wait_for_port,
 )
+from fedsilo.common.records import DataError
 from fedsilo.common.task import freeze_labels
 from fedsilo.server import checkpoint, gateway, provision
 from fedsilo.server.agreements import run_under, write_agreement

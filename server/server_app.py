@@ -12,8 +12,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsilo.common import features, lengths
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.data import TextRecords, load_records
-from fedsilo.common.datasets import split_holdout
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.metrics import majority_rate
 from fedsilo.common.model import (
@@ -23,6 +21,8 @@ from fedsilo.common.model import (
     resolve_device,
     set_trainable_state,
 )
+from fedsilo.common.records import TextRecords, load_records
+from fedsilo.common.splits import split_holdout
 from fedsilo.common.task import EvalResult, encode, evaluate, federation_labels
 from fedsilo.common.wire import named_arrays
 from fedsilo.server import checkpoint

@@ -44,10 +44,10 @@ from fedsilo.common.config import (
     add_config_arguments,
     config_overrides,
 )
-from fedsilo.common.data import DataError, icd10_label_names, load_records, train_test_split
-from fedsilo.common.datasets import simulated_institution
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer, resolve_device
+from fedsilo.common.records import DataError, icd10_label_names, load_records, train_test_split
+from fedsilo.common.splits import simulated_institution
 
 log = logging.getLogger("fedsilo.audit")
 
@@ -235,7 +235,7 @@ def build_dataset(args: argparse.Namespace, out: Path, data: DataConfig) -> Desi
         test_spots = [i for i in spots if i not in trains]
         if len(test_spots) != held[y]:
             raise AuditError(f"site-0 holds out {len(test_spots)} rows of {y!r}, expected "
-                             f"{held[y]}; common/datasets.py may have changed")
+                             f"{held[y]}; common/splits.py may have changed")
         filling = texts[held[y]:] + [rows[i][0] for i in spots[len(texts):]]  # + canaries
         for i, text in zip(train_spots + test_spots, filling + texts[:held[y]], strict=True):
             rows[i][0] = text
@@ -270,7 +270,7 @@ def check_design(design: Design, data: DataConfig, seed: int, institutions: int)
     expected = Counter(design.real_train) + Counter(design.canaries.member_texts)
     if Counter(train) != expected or Counter(test) != Counter(design.real_test):
         raise AuditError(f"{data.data}: site-0's split is not the audit's design (fixed real "
-                         "records + member canaries); common/datasets.py may have changed")
+                         "records + member canaries); common/splits.py may have changed")
 
 
 # ---------------------------------------------------------------------- a run

@@ -43,9 +43,9 @@ from fedsilo.client.received import received_bound
 from fedsilo.client.runtime_bundle import Origin
 from fedsilo.common import features
 from fedsilo.common.config import DEFAULT_MODEL, FedsiloConfig, ModelConfig
-from fedsilo.common.data import TextRecords, icd10_label_names, load_records
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import get_trainable_state, load_model, load_tokenizer
+from fedsilo.common.records import TextRecords, icd10_label_names, load_records
 from fedsilo.common.task import encode, federation_labels
 
 log = logging.getLogger("fedsilo.audit")

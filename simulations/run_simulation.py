@@ -24,13 +24,13 @@ import torch
 from fedsilo.common import lengths
 from fedsilo.common.config import KEYS, ConfigError, FedsiloConfig, add_config_arguments
 from fedsilo.common.config import config_overrides as typed_overrides
-from fedsilo.common.data import DataError
-from fedsilo.common.datasets import simulated_institution, split_holdout
 from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, check_checkpoint, load_tokenizer, resolve_device
 from fedsilo.common.partition import partition_by_column
 from fedsilo.common.processes import terminate_on_sigterm
+from fedsilo.common.records import DataError
+from fedsilo.common.splits import simulated_institution, split_holdout
 from fedsilo.common.task import federation_labels, freeze_labels
 from fedsilo.server.dashboard import heartbeat, render
 from fedsilo.server.launch import (

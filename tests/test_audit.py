@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedsilo.common.config import DataConfig
-from fedsilo.common.datasets import simulated_institution
+from fedsilo.common.splits import simulated_institution
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simulations" / "audit_canaries.py"

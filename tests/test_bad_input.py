@@ -22,8 +22,8 @@ from transformers import ViTConfig
 from fedsilo.client import cli as client_cli
 from fedsilo.client.ledger import Ledger
 from fedsilo.common.config import ConfigError, FedsiloConfig, ModelConfig
-from fedsilo.common.data import MAX_FIELD_CHARS, DataError, LabelMap, load_records
 from fedsilo.common.model import ModelError, load_model, load_tokenizer
+from fedsilo.common.records import MAX_FIELD_CHARS, DataError, LabelMap, load_records
 from fedsilo.server import cli as server_cli
 from fedsilo.server.provision import provision
 

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import load_model
+from fedsilo.common.records import LabelMap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 dp_step = importlib.import_module("dp_step")

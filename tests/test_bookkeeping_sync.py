@@ -7,9 +7,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsilo.client.train import make_private
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.features import logits
 from fedsilo.common.model import load_model
+from fedsilo.common.records import LabelMap
 
 #: What reads a tensor's value on the host (a CUDA synchronisation on a GPU).
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")

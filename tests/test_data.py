@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fedsilo.common.data import (
+from fedsilo.common.records import (
     DataError,
     LabelMap,
     TextRecords,

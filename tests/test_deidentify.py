@@ -9,7 +9,6 @@ import pytest
 from make_identifiers import KINDS, clean_notes, planted_notes
 
 from fedsilo.common.config import ConfigError, FedsiloConfig
-from fedsilo.common.data import TextRecords
 from fedsilo.common.deidentify import (
     PATTERN_KINDS,
     DeidSettings,
@@ -18,6 +17,7 @@ from fedsilo.common.deidentify import (
     placeholder,
     scrubber_for,
 )
+from fedsilo.common.records import TextRecords
 
 #: Per kind: the share of planted values that must be gone, replaced by their placeholder.
 RECALL = 0.99

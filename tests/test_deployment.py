@@ -24,8 +24,8 @@ from transformers import pipeline
 
 from fedsilo.client import cli as client_cli
 from fedsilo.common.agreement import agreement_id
-from fedsilo.common.data import load_records
 from fedsilo.common.processes import BIN, child_env, free_port
+from fedsilo.common.records import load_records
 from fedsilo.server import cli as server_cli
 from fedsilo.server.provision import provision
 

@@ -14,9 +14,9 @@ from fedsilo.client import privacy
 from fedsilo.client.bk_clipping import BookKeepingClipper
 from fedsilo.client.train import _run_epochs, make_private, train_private
 from fedsilo.common.config import FedsiloConfig, ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.features import Head
 from fedsilo.common.model import forward_logits, load_model
+from fedsilo.common.records import LabelMap
 
 
 def _data(n: int = 12, length: int = 10) -> TensorDataset:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.common.data import load_records
 from fedsilo.common.processes import BIN, child_env, free_port
+from fedsilo.common.records import load_records
 from fedsilo.server.provision import provision
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ import torch
 from fedsilo.client.train import _optimizer
 from fedsilo.common.bounds import ENCODER_LEARNING_RATES, largest_learning_rate
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import head_names, load_model
+from fedsilo.common.records import LabelMap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 finetune = importlib.import_module("finetune")

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from test_faults import _agree, _client, _kill, _kits, _server
 
-from fedsilo.common.data import load_records
 from fedsilo.common.processes import free_port
+from fedsilo.common.records import load_records
 from fedsilo.server.provision import provision
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from fedsilo.client import privacy
 from fedsilo.client.train import train_private
 from fedsilo.common.config import FedsiloConfig, ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import (
     ModelError,
     forward_logits,
@@ -17,6 +16,7 @@ from fedsilo.common.model import (
     load_model,
     trainable_names,
 )
+from fedsilo.common.records import LabelMap
 from fedsilo.server.outputs import save_model
 
 LABELS = LabelMap.from_names(["a", "b", "c"])

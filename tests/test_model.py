@@ -4,7 +4,6 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import (
     ModelError,
     forward_logits,
@@ -13,6 +12,7 @@ from fedsilo.common.model import (
     set_trainable_state,
     trainable_names,
 )
+from fedsilo.common.records import LabelMap
 
 LABELS = LabelMap.from_names(["a", "b", "c"])
 

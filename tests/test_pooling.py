@@ -13,7 +13,6 @@ from transformers import AutoTokenizer, BertForSequenceClassification, RobertaCo
 
 from fedsilo.common import features
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import (
     ModelError,
     check_checkpoint,
@@ -23,6 +22,7 @@ from fedsilo.common.model import (
     trainable_names,
 )
 from fedsilo.common.pooling import MeanPoolBertForSequenceClassification
+from fedsilo.common.records import LabelMap
 from fedsilo.server.outputs import save_model
 
 LABELS = LabelMap.from_names(["a", "b", "c"])

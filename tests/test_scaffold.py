@@ -11,8 +11,8 @@ from fedsilo.client import privacy
 from fedsilo.client.messages import read_request
 from fedsilo.client.train import train_plain, train_private
 from fedsilo.common.config import ConfigError, FedsiloConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import load_model
+from fedsilo.common.records import LabelMap
 from fedsilo.common.wire import CORRECTION_KEY, named_arrays
 from fedsilo.server import checkpoint
 from fedsilo.server.report import RunReport

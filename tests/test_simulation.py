@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import pipeline
 
-from fedsilo.common.data import load_records
+from fedsilo.common.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simulations" / "run_simulation.py"

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoTokenizer
 
 from fedsilo.common import token_cache
-from fedsilo.common.data import LabelMap, TextRecords
 from fedsilo.common.model import resolve_model_path
+from fedsilo.common.records import LabelMap, TextRecords
 
 
 @pytest.fixture

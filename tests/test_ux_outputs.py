@@ -5,8 +5,8 @@ import json
 from transformers import AutoTokenizer, pipeline
 
 from fedsilo.common.config import ModelConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.model import load_model
+from fedsilo.common.records import LabelMap
 from fedsilo.server.outputs import save_model
 
 LONG = " ".join(f"patient reported symptom number {i} during the visit" for i in range(120))

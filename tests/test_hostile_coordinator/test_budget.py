@@ -23,9 +23,9 @@ from fedsilo.client.ledger import Ledger
 from fedsilo.client.policy import institution_config
 from fedsilo.client.privacy import BudgetExceededError
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.datasets import local_institution
 from fedsilo.common.deidentify import DeidSettings
 from fedsilo.common.model import get_trainable_state, load_model
+from fedsilo.common.splits import local_institution
 from fedsilo.common.task import federation_labels, freeze_labels
 from fedsilo.common.wire import DECLINED_CODE, RUN_KEY
 from fedsilo.server.report import RunReport

@@ -17,9 +17,9 @@ from torch.utils.data import TensorDataset
 from fedsilo.client import privacy
 from fedsilo.client.train import train_private
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.data import LabelMap
 from fedsilo.common.features import Head
 from fedsilo.common.model import get_trainable_state, load_model, set_trainable_state
+from fedsilo.common.records import LabelMap
 
 N, TARGET, SCALE = 16, 5, 1.5e37
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from fedsilo.common.config import DataConfig
-from fedsilo.common.data import DataError, TextRecords, load_records, train_test_split
 from fedsilo.common.deidentify import Report, Scrubber
 from fedsilo.common.partition import partition_by_column, partition_dirichlet, partition_iid
+from fedsilo.common.records import DataError, TextRecords, load_records, train_test_split
 
 
 @dataclass(frozen=True)
