@@ -20,7 +20,6 @@ loosen that policy (see :mod:`fedsilo.client.policy`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import socket
 import ssl
@@ -36,13 +35,14 @@ from fedsilo.client.keys import TrustError, check_ca, check_private_key, keygen
 from fedsilo.client.ledger import LedgerError
 from fedsilo.client.ledger_cli import ledger_main, show
 from fedsilo.client.length_check import before_approval, length_check
-from fedsilo.client.policy import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.client.runtime_launch import (
     make_secret,
     remove_secret,
     run_supernode,
     start_runtime,
 )
+from fedsilo.client.settings import DEID_KEY, LEDGER_KEY, NAME_KEY, PATH_KEYS, SCHEMA, SHARED_KEYS
+from fedsilo.client.settings import check as check_settings
 from fedsilo.common.agreement import AgreementError
 from fedsilo.common.certs import key_fingerprint
 from fedsilo.common.config import (
@@ -61,49 +61,10 @@ from fedsilo.common.records import DataError, LabelMap, load_records
 log = logging.getLogger("fedsilo.client")
 
 ADMISSION_RETRY = 10.0  # seconds between attempts to join while not admitted
-CONNECTION_KEYS = ("superlink", "root-certificates", "ca-sha256", "auth-private-key", "insecure")
-CHECK_KEYS = ("labels", "model", "runtime-port")
-PATH_KEYS = ("data", "root-certificates", "auth-private-key", LEDGER_KEY, "state-dir")
-ALL_KEYS = (NAME_KEY, *CONNECTION_KEYS, *DATA_KEYS, *POLICY_KEYS, LEDGER_KEY, *CHECK_KEYS)
 
 
 class ClientSetupError(ValueError):
     """A client setting is unusable; the message names the file, key or flag."""
-
-
-#: Expected TOML type of each client.toml key (the schema's ranges are checked too).
-_TEXT_KEYS = (NAME_KEY, "superlink", "root-certificates", "ca-sha256", "auth-private-key", "data",
-              "text-column", "label-column", "device", LEDGER_KEY, "model", "labels",
-              "dataset-id", "state-dir")
-_KINDS: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(_TEXT_KEYS, (str,)), "labels": (str, list),
-    **dict.fromkeys(("insecure", "allow-no-dp"), (bool,)),
-    **dict.fromkeys(("target-epsilon", "target-delta", "max-grad-norm", "test-fraction",
-                     "lifetime-epsilon"), (int, float)),
-    **dict.fromkeys(("max-examples", "runtime-port", "seed", "declared-examples"), (int,)),
-}
-_SCHEMA_KEYS = (*DATA_KEYS, "target-epsilon", "target-delta", "max-grad-norm")
-
-
-def _check_types(settings: dict[str, Any], origin: str) -> None:
-    """Refuse a value of the wrong TOML type, naming ``origin`` and the key."""
-    for key, value in settings.items():
-        kinds = _KINDS.get(key, ())
-        if kinds and (not isinstance(value, kinds) or (bool not in kinds and
-                                                        isinstance(value, bool))):
-            names = " or ".join({"str": "a quoted string", "list": "a list of names",
-                                 "bool": "true or false", "int": "a whole number",
-                                 "float": "a number"}[k.__name__] for k in kinds
-                                if not (k is int and float in kinds))
-            raise ClientSetupError(f"{origin}: '{key}' must be {names} (got {value!r:.60} of "
-                                   f"type {type(value).__name__}); fix it in client.toml")
-    if isinstance(settings.get("labels"), list):
-        settings["labels"] = json.dumps([str(n) for n in settings["labels"]])
-    try:
-        FedsiloConfig.from_flat({k: settings[k] for k in _SCHEMA_KEYS if k in settings},
-                                origin=origin)
-    except ConfigError as err:
-        raise ClientSetupError(str(err)) from None
 
 
 def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -121,11 +82,10 @@ def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str
             settings = tomllib.loads(path.read_text("utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
             raise ClientSetupError(f"{path}: cannot read the client config ({err})") from None
-        unknown = sorted(set(settings) - set(ALL_KEYS) - {DEID_KEY})
-        if unknown:
-            raise ClientSetupError(f"{path}: unknown key(s) {unknown}; known keys: "
-                                   f"{', '.join(ALL_KEYS)}")
-        _check_types(settings, str(path))
+        try:
+            check_settings(settings, str(path))
+        except ConfigError as err:
+            raise ClientSetupError(str(err)) from None
         settings.setdefault(LEDGER_KEY, "ledger")  # beside client.toml unless set
         settings[DEID_KEY] = deid_settings(settings.get(DEID_KEY, {}), path)
         for key in PATH_KEYS:
@@ -146,8 +106,7 @@ def load_client_config(path: Path | None, overrides: dict[str, Any]) -> dict[str
 def preflight(settings: dict[str, Any]) -> None:
     """Check data, labels, model, privacy policy, certificate and key; raise on problems."""
     try:  # the privacy policy and columns must be valid settings of the schema
-        FedsiloConfig.from_flat({k: settings[k] for k in (*DATA_KEYS, "target-epsilon",
-                                 "target-delta", "max-grad-norm") if k in settings},
+        FedsiloConfig.from_flat({k: settings[k] for k in SHARED_KEYS if k in settings},
                                 origin="client config")
     except ConfigError as err:
         raise ClientSetupError(str(err)) from None
@@ -217,14 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--admission-wait", type=float, default=120.0, metavar="SECONDS",
                         help="keep retrying this long while the coordinator does not admit "
                         "this institution yet (it may still be registering keys)")
-    for key in ALL_KEYS:
-        kind = (int if key in ("runtime-port", "seed", "declared-examples") else float
-                if key in (*POLICY_KEYS[:3], "lifetime-epsilon") else None)
-        if key in ("insecure", "allow-no-dp"):
+    for key, setting in SCHEMA.items():  # one flag per client.toml key, of its type
+        if setting.kinds == (bool,):
             parser.add_argument(f"--{key}", action="store_true", default=None,
                                 help="plain text, no TLS (testing only)" if key == "insecure"
-                                else "let the coordinator turn DP off for this institution")
+                                else f"overrides '{key}' in client.toml (sets it true)")
         else:
+            kind = int if setting.kinds == (int,) else float if float in setting.kinds else None
             parser.add_argument(f"--{key}", type=kind, help=f"overrides '{key}' in client.toml")
     return parser
 
@@ -307,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["ledger"]:
         return ledger_main(argv[1:], load_client_config)
     args = build_parser().parse_args(argv)
-    overrides = {k: getattr(args, k.replace("-", "_")) for k in ALL_KEYS}
+    overrides = {k: getattr(args, k.replace("-", "_")) for k in SCHEMA}
     try:
         settings = load_client_config(args.config, overrides)
         if args.ledger:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fedsilo.client.policy import DEID_KEY, LEDGER_KEY, NAME_KEY
+from fedsilo.client.settings import DEID_KEY, LEDGER_KEY, NAME_KEY
 from fedsilo.common import journal
 from fedsilo.common.deidentify import DeidentifyError, DeidSettings, Report, scrubber_for
 from fedsilo.common.records import TextRecords, load_records

@@ -35,8 +35,6 @@ from fedsilo.client.messages import (
     train_reply,
 )
 from fedsilo.client.policy import (
-    LEDGER_KEY,
-    NAME_KEY,
     Policy,
     PolicyError,
     evaluation_release,
@@ -44,6 +42,7 @@ from fedsilo.client.policy import (
 )
 from fedsilo.client.received import ReceivedModelError, check_model
 from fedsilo.client.runtime_bundle import Origin
+from fedsilo.client.settings import LEDGER_KEY, NAME_KEY
 from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig

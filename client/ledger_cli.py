@@ -19,7 +19,7 @@ from typing import Any
 
 from fedsilo.client.ledger import Ledger, LedgerError, dataset_fingerprint, dataset_key
 from fedsilo.client.ledger_guard import old_ledgers
-from fedsilo.client.policy import DEFAULT_LIFETIME_EPSILON, LEDGER_KEY
+from fedsilo.client.settings import DEFAULT_LIFETIME_EPSILON, LEDGER_KEY
 from fedsilo.common.records import DataError, load_records
 
 log = logging.getLogger("fedsilo.client")

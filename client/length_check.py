@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedsilo.client.agreements import load_approvals
-from fedsilo.client.policy import LEDGER_KEY
+from fedsilo.client.settings import LEDGER_KEY
 from fedsilo.common import lengths
 from fedsilo.common.agreement import expired
 from fedsilo.common.config import DEFAULT_MODEL, ModelConfig

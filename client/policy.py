@@ -35,32 +35,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedsilo.client.privacy import DeclinedError
+from fedsilo.client.settings import (
+    DATA_KEYS,
+    DEFAULT_LIFETIME_EPSILON,
+    DEID_KEY,
+    EVALUATION_NOISE,
+    LEDGER_KEY,
+    NAME_KEY,
+    POLICY_KEYS,
+    SPLIT_KEYS,
+    node_value,
+)
 from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.common.deidentify import DeidSettings
 
 log = logging.getLogger(__name__)
-
-#: Node-config keys that name the institution's data; they replace the run's values.
-DATA_KEYS = ("data", "text-column", "label-column", "test-fraction", "max-examples", "device",
-             "seed")
-#: How the institution splits its data: its own setting or the schema's default, never the run's.
-SPLIT_KEYS = ("seed", "test-fraction", "max-examples")
-#: Node-config keys of the institution's privacy policy (its budget and what it releases).
-POLICY_KEYS = ("target-epsilon", "target-delta", "max-grad-norm", "allow-no-dp",
-               "lifetime-epsilon", "dataset-id", "state-dir", "release-evaluation",
-               "evaluation-noise", "declared-examples")
-#: Lifetime ε of a dataset whose institution sets no ``lifetime-epsilon``: one run at
-#: the default per-run ε of 8 fits, a second one does not.
-DEFAULT_LIFETIME_EPSILON = 10.0
-#: σ of each noised count of a released local evaluation (``evaluation-noise``).
-EVALUATION_NOISE = 20.0
-NAME_KEY = "institution"
-#: Node-config key of the institution's de-identification settings (:meth:`DeidSettings.to_node`).
-DEID_KEY = "deidentify"
-#: Node-config key of the folder holding the institution's privacy ledger.
-LEDGER_KEY = "ledger-dir"
-
 
 class PolicyError(DeclinedError):
     """The coordinator asked for something the institution's policy forbids."""
@@ -153,14 +143,15 @@ def institution_config(
     changes["holdout-fraction"] = 0.0
     deid = DeidSettings.from_node(str(node[DEID_KEY])) if DEID_KEY in node else DeidSettings()
     check_deidentify_floor(run, deid)
-    policy = Policy(max_delta=float(node.get("target-delta", 0.0) or 0.0),
+    policy = Policy(max_delta=float(node_value(node, "target-delta", 0.0) or 0.0),
                     ledger_dir=str(node.get(LEDGER_KEY, "")), deidentify=deid,
-                    lifetime_epsilon=float(node.get("lifetime-epsilon",
-                                                    DEFAULT_LIFETIME_EPSILON)),
+                    lifetime_epsilon=float(node_value(node, "lifetime-epsilon",
+                                                      DEFAULT_LIFETIME_EPSILON)),
                     dataset_id=str(node.get("dataset-id", "")),
                     state_dir=str(node.get("state-dir", "")),
                     evaluation=evaluation_release(node, simulated=False),
-                    evaluation_noise=float(node.get("evaluation-noise", EVALUATION_NOISE)),
+                    evaluation_noise=float(node_value(node, "evaluation-noise",
+                                                      EVALUATION_NOISE)),
                     declared_examples=_declared(node))
     if not policy.lifetime_epsilon > 0:
         raise ConfigError("node config: lifetime-epsilon must be > 0; fix it in client.toml")
@@ -169,9 +160,9 @@ def institution_config(
 
 def _declared(node: Mapping[str, object]) -> int:
     """``declared-examples`` of the node config: a whole number ≥ 1, or 0 when unset."""
-    value = node.get("declared-examples", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"declared-examples = {value!r} in client.toml: use a whole number "
+    value = int(node_value(node, "declared-examples", 0))  # type: ignore[call-overload]
+    if value < 0:
+        raise ConfigError(f"declared-examples = {value} in client.toml: use a whole number "
                           "of records (≥ 1), or leave it out to release the exact count")
     return value
 

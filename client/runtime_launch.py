@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.client.dashboard import render
-from fedsilo.client.policy import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
+from fedsilo.client.settings import DATA_KEYS, DEID_KEY, LEDGER_KEY, NAME_KEY, POLICY_KEYS
 from fedsilo.common.config import config_args
 from fedsilo.common.deidentify import DeidSettings
 from fedsilo.common.live import live_view

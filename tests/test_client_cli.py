@@ -63,3 +63,23 @@ def test_ledger_command_prints_spend_against_the_budget(tmp_path, caplog):
         logger.removeHandler(caplog.handler)
     assert f"ε spent {eps:.4f} / lifetime 6 / left {6 - eps:.4f}" in caplog.text
     assert "1 release(s) in 1 run(s); trusted" in caplog.text
+
+
+def test_the_kit_template_and_the_flags_follow_client_tomls_schema():
+    """One schema (client/settings.py): the kit documents only its keys, flags mirror it."""
+    import re
+    import tomllib
+
+    from fedsilo.client.cli import build_parser
+    from fedsilo.client.settings import DEID_KEY, SCHEMA, check
+    from fedsilo.server.kit_template import client_toml
+
+    text = client_toml("hospital-a", "fl.example.org:9092", "ab" * 32)
+    written = set(tomllib.loads(text)) - {DEID_KEY}
+    top = text.split("[deidentify]")[0]  # that table has its own schema (DeidSettings)
+    commented = set(re.findall(r"^# ([a-z][a-z0-9-]*) = ", top, re.MULTILINE))
+    assert written and commented and (written | commented) <= set(SCHEMA)
+    settings = tomllib.loads(text)
+    check(settings, "kit")  # the kit as written passes its own schema
+    flags = {s[2:] for a in build_parser()._actions for s in a.option_strings}
+    assert set(SCHEMA) <= flags

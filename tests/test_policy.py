@@ -1,6 +1,7 @@
 import pytest
 
-from fedsilo.client.policy import DEFAULT_LIFETIME_EPSILON, PolicyError, institution_config
+from fedsilo.client.policy import PolicyError, institution_config
+from fedsilo.client.settings import DEFAULT_LIFETIME_EPSILON
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.server.gateway import is_public_route
 

@@ -73,7 +73,7 @@ def test_flower_client_check_shows_the_share_the_agreed_length_cuts(tiny_bert, t
     from fedsilo.client.agreements import approve
     from fedsilo.client.keys import keygen
     from fedsilo.client.length_check import length_check
-    from fedsilo.client.policy import LEDGER_KEY
+    from fedsilo.client.settings import LEDGER_KEY
     from fedsilo.common.config import FedsiloConfig
     from fedsilo.common.task import freeze_labels
     from fedsilo.server.agreements import write_agreement
