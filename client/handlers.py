@@ -240,9 +240,12 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
     budget.admit(ledger, dp_plan, run, task.data.name)  # before any training step
     result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
                            task.device, _correction(task, request))
-    released = _release(task, request, context)
+    # Charged before anything is derived from the trained model: a SecAgg+ range check
+    # that fails below still tells the coordinator one bit of it, and a retry of the
+    # round finds it spent (no second training without a second charge).
     ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
                   dp_plan.noise_multiplier, delta)
+    released = _release(task, request, context)
     epsilon = budget.report(ledger, dp_plan, run, task.data.name)  # this run's ε only
     dp_metrics = {"epsilon": epsilon, "delta": delta,
                   "noise-multiplier": dp_plan.noise_multiplier,

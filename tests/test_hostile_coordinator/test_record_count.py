@@ -104,3 +104,40 @@ def test_the_step_count_and_the_update_scale_follow_the_plan_not_the_data(
 def test_a_bad_declared_count_names_the_setting(run_cfg, tmp_path, value):
     with pytest.raises(ConfigError, match="declared-examples"):
         institution_config(run_cfg, _site(tmp_path, 20, **{"declared-examples": value}))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_failed_secagg_range_check_is_charged_and_not_retrained(run_cfg, tmp_path, monkeypatch):
+    """The range check answers one bit about the trained update: it must cost ε, once.
+
+    It used to run before the ledger record, so a coordinator could resend the round and
+    get a fresh training (and bit) each time with nothing charged.
+    """
+    import json
+
+    from fedsilo.client.messages import SecAggRangeError
+
+    monkeypatch.setattr(handlers, "check_run", lambda *a: None)
+    calls = []
+
+    def out_of_range(*args):
+        calls.append(1)
+        raise SecAggRangeError("update outside --secagg-clipping-range")
+
+    monkeypatch.setattr(handlers, "_release", out_of_range)
+    node = _site(tmp_path, 40)
+    sent = {k: v.numpy() for k, v in get_trainable_state(
+        load_model(run_cfg.model, federation_labels(run_cfg), run_cfg.train.seed)).items()}
+    replies = []
+    for _ in range(2):
+        msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                                  "config": ConfigRecord({"server-round": 1, RUN_KEY: 1})}),
+                      dst_node_id=7, message_type="train")
+        replies.append(client_app.train(msg, Context(
+            run_id=1, node_id=7, node_config=node, state=RecordDict(),
+            run_config=run_cfg.to_flat())))
+    assert all(r.has_error() for r in replies)
+    assert len(calls) == 1  # the resent round was not trained again
+    [ledger] = Path(str(node["ledger-dir"])).glob("dataset-*.json")
+    entries = json.loads(ledger.read_text())["entries"]
+    assert [(e["kind"], e["round"]) for e in entries] == [("train", 1)]
