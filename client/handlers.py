@@ -6,7 +6,6 @@ runtime (:mod:`fedsilo.client.runtime`), a long-lived process.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -40,30 +39,26 @@ from fedsilo.client.policy import (
     evaluation_release,
     institution_config,
 )
+from fedsilo.client.prepared import prepared_data, stamp
 from fedsilo.client.received import ReceivedModelError, check_model
 from fedsilo.client.runtime_bundle import Origin
 from fedsilo.client.settings import LEDGER_KEY, NAME_KEY
 from fedsilo.client.train import Correction, TrainResult, train_plain, train_private
 from fedsilo.common import features, journal
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.common.deidentify import DeidSettings, scrubber_for
+from fedsilo.common.deidentify import DeidSettings
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import (
     get_trainable_state,
     load_model,
-    load_tokenizer,
     resolve_device,
     set_trainable_state,
     trainable_names,
 )
 from fedsilo.common.splits import (
     InstitutionData,
-    deidentified,
-    local_institution,
-    simulated_institution,
 )
 from fedsilo.common.task import evaluate, federation_labels
-from fedsilo.common.token_cache import encode_cached
 from fedsilo.common.wire import (
     DECLINED_CODE,
     EVALUATE_RECEIVED_KEY,
@@ -74,43 +69,6 @@ from fedsilo.common.wire import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _stamp(data: str) -> tuple[int, int] | None:
-    """Modification time and size of a data file (None for the built-in dataset)."""
-    try:
-        stat = Path(data).expanduser().stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
-@functools.lru_cache(maxsize=8)
-def _prepared(
-    cfg: FedsiloConfig, partition: tuple[int, int] | None, name: str, cache: Path,
-    stamp: tuple[int, int] | None, deid: DeidSettings,
-) -> tuple[InstitutionData, TensorDataset, TensorDataset, str, dict[str, object]]:
-    """Load, fingerprint, de-identify and tokenise (through the on-disk caches) once per process.
-
-    ``stamp`` (:func:`_stamp`) is part of the key: a long-lived process (the
-    runtime) reloads a data file that changed between messages. The fingerprint (the
-    ledger's key) is taken on the raw records before any split, so neither the split
-    nor scrubbing changes the budget; everything after it (tokens, features,
-    evaluation) sees only scrubbed text.
-    """
-    if partition is not None:
-        data = simulated_institution(cfg.data, cfg.train.seed, *partition)
-    else:
-        data = local_institution(cfg.data, name, cfg.train.seed)
-    fingerprint = budget.raw_fingerprint(cfg, partition, data)
-    data, report = deidentified(data, scrubber_for(deid), cache)
-    labels = federation_labels(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    train_set = encode_cached(cache, tokenizer, data.train, labels, cfg.model.max_length)
-    test_set = encode_cached(cache, tokenizer, data.test, labels, cfg.model.max_length)
-    summary = {"kinds": list(deid.kinds), "patterns": [p.name for p in deid.patterns],
-               "files": report.as_dict()}
-    return data, train_set, test_set, fingerprint, summary
 
 
 @dataclass(frozen=True)
@@ -158,8 +116,8 @@ def _setup(request: Request, context: Context, origin: Origin, evaluate: bool = 
     # The institution's own folder (beside its ledger), or the simulation's output.
     cache = Path(policy.ledger_dir or cfg.federation.output_dir) / "token-cache"
     started = time.perf_counter()
-    data, train_set, test_set, fingerprint, deidentify = _prepared(
-        cfg, partition, name, cache, _stamp(cfg.data.data), policy.deidentify)
+    data, train_set, test_set, fingerprint, deidentify = prepared_data(
+        cfg, partition, name, cache, stamp(cfg.data.data), policy.deidentify)
     prepared = time.perf_counter()
     if policy.dataset_id:  # the institution names its dataset: the ledger follows the name
         fingerprint = dataset_key(policy.dataset_id, [], [])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from support import closed_port
 
-from fedsilo.client import handlers
+from fedsilo.client import prepared
 from fedsilo.client.runtime_bundle import (
     BundleError,
     Origin,
@@ -93,11 +93,11 @@ def test_a_changed_data_file_is_reloaded_by_a_long_lived_process(tmp_path):
     data.write_text("text,label\n" + "".join(f"note {i},{'ab'[i % 2]}\n" for i in range(20)))
     cfg = FedsiloConfig.from_flat({"data": str(data), "labels": '["a", "b"]',
                                    "output-dir": str(tmp_path / "out")})
-    first = handlers._prepared(cfg, None, "a", tmp_path / "cache", handlers._stamp(str(data)),
+    first = prepared.prepared_data(cfg, None, "a", tmp_path / "cache", prepared.stamp(str(data)),
                             DeidSettings())
     data.write_text("text,label\n" + "".join(f"memo {i},{'ab'[i % 2]}\n" for i in range(20)))
     os.utime(data, ns=(1, 1))  # a different stamp even within the clock's resolution
-    second = handlers._prepared(cfg, None, "a", tmp_path / "cache", handlers._stamp(str(data)),
+    second = prepared.prepared_data(cfg, None, "a", tmp_path / "cache", prepared.stamp(str(data)),
                             DeidSettings())
     assert first[3] != second[3]  # the dataset fingerprint follows the file
 
