@@ -178,8 +178,8 @@ def test_dropped_and_hostile_institutions_do_not_stop_the_run(site, tmp_path):
             time.sleep(0.5)
         _kill(clients["hospital-d"])  # dies mid-round 2
         code = server.wait(600)
-    finally:
-        for proc in clients.values():
+    finally:  # a coordinator left running would hold the kits' port for the next test
+        for proc in (server, *clients.values()):
             if proc.poll() is None:
                 _kill(proc, signal.SIGTERM)
     assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
@@ -211,8 +211,9 @@ def test_coordinator_killed_after_round_one_resumes_and_counts_each_round_once(s
         resumed = _server(site, out, tmp_path / "resumed.log", "--resume")
         code = resumed.wait(600)
     finally:
-        for proc in clients:
-            _kill(proc, signal.SIGTERM)
+        for proc in (*clients, *([resumed] if "resumed" in locals() else [])):
+            if proc.poll() is None:
+                _kill(proc, signal.SIGTERM)
     assert code == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["status"] == "completed" and doc["resumed_after"] == [1]
@@ -249,8 +250,9 @@ def test_a_run_that_breaks_the_approved_agreement_is_declined_naming_the_term(si
     try:
         code = server.wait(600)
     finally:
-        for proc in clients:
-            _kill(proc, signal.SIGTERM)
+        for proc in (server, *clients):
+            if proc.poll() is None:
+                _kill(proc, signal.SIGTERM)
     assert code != 0
     doc = json.loads((out / "metrics.json").read_text())
     declined = doc["rounds"][1]["declined"]
