@@ -38,7 +38,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -58,6 +58,27 @@ REFUSED = ("declined: this institution runs only its own installed fedsilo, for 
 FAILED = "the institution could not run this message; details are in its own log"
 _COMPONENT = "flwr-clientapp"  # the runtime API's name for what takes ClientApp tasks
 _ACQUIRE = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # what the shared secret signs
+#: Statuses worth retrying within a task: the SuperNode busy or restarting.
+_TRANSIENT = frozenset({502, 503, 504})
+#: Seconds one task's call keeps retrying a SuperNode that does not answer.
+TASK_RETRY_SECONDS = 120.0
+
+
+def _task_retries() -> RetryInvoker:
+    """Flower's runtime-API retries, fitted to a process that outlives its tasks.
+
+    Flower's invoker belongs to a one-task ``flwr-clientapp``: a task the SuperNode no
+    longer accepts (401: its token expired with the run; 403: the run stopped) ends the
+    whole process, by SIGINT or a ``BaseException``. Here such a reply ends the task
+    only, as an ``httpx.HTTPStatusError``, and a SuperNode that stays silent ends it
+    after :data:`TASK_RETRY_SECONDS`; the runtime goes on to the next task (a coordinator
+    that restarts mid-round must find every institution still there).
+    """
+    retries = make_simple_http_retry_invoker()
+    retries.should_giveup = lambda err: (isinstance(err, httpx.HTTPStatusError)
+                                         and err.response.status_code not in _TRANSIENT)
+    retries.max_time = TASK_RETRY_SECONDS
+    return retries
 
 
 def _client(address: str, token: str | None = None,
@@ -71,7 +92,8 @@ def _client(address: str, token: str | None = None,
                                                          protected_methods=_ACQUIRE))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        interceptors=interceptors,
+        retry_invoker=_task_retries() if token else make_simple_http_retry_invoker())
 
 
 def _heartbeat(client: RuntimeHttpClient) -> HeartbeatSender:
@@ -130,7 +152,11 @@ def run_task(address: str, token: str, ledger_dir: Path) -> bool:
     finally:
         if beats.is_running:
             beats.stop()
-        push_task_output(client=client, context=context, sub_status=status, details=details)
+        try:  # the task's status: best effort, the SuperNode may have dropped it already
+            push_task_output(client=client, context=context, sub_status=status,
+                             details=details)
+        except httpx.HTTPError as err:
+            log.warning("runtime API: the task's status was not taken (%s)", err)
         client.close()
     return ran
 

@@ -152,6 +152,12 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 30
         time.sleep(0.5)
 
 
+def _tails(folder: Path, *names: str, chars: int = 4000) -> str:
+    """The last ``chars`` of each process log ``folder/NAME.log``, for a failure message."""
+    return "\n".join(f"--- {name}.log ---\n" + (folder / f"{name}.log").read_text(
+        errors="replace")[-chars:] for name in names if (folder / f"{name}.log").exists())
+
+
 def _entries(kit: Path) -> list[dict]:
     ledgers = list((kit / "ledger").glob("*.json"))
     assert len(ledgers) == 1
@@ -210,6 +216,8 @@ def test_coordinator_killed_after_round_one_resumes_and_counts_each_round_once(s
         assert json.loads((out / "metrics.json").read_text())["rounds"][-1]["round"] == 1
         resumed = _server(site, out, tmp_path / "resumed.log", "--resume")
         code = resumed.wait(600)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the resumed run did not end:\n" + _tails(tmp_path, "resumed", *kits))
     finally:
         for proc in (*clients, *([resumed] if "resumed" in locals() else [])):
             if proc.poll() is None:
