@@ -252,7 +252,13 @@ def protocol(idle_timeout: float) -> type[H11Protocol]:
     class HeaderDeadline(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self.loop.call_later(idle_timeout, self._headers_due, transport)
+            self._deadline = self.loop.call_later(idle_timeout, self._headers_due, transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            # The timer holds the protocol and its TLS transport: cancel it with the
+            # connection, or every closed connection's memory stays for ``idle_timeout``.
+            self._deadline.cancel()
+            super().connection_lost(exc)
 
         def _headers_due(self, transport: asyncio.Transport) -> None:
             if self.cycle is None and not transport.is_closing():
