@@ -89,11 +89,12 @@ def gateway(tmp_path_factory):
     upstream.shutdown()
 
 
-def _peak_rss(proc: subprocess.Popen) -> int:
+def _memory(proc: subprocess.Popen, field: str = "VmHWM") -> int:
+    """Bytes of ``field`` in the process's /proc status (VmHWM: peak RSS, VmRSS: now)."""
     for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
 
 
 def _request(port: int, headers: dict[str, str], body: bytes = b"",
@@ -148,7 +149,7 @@ def test_an_unauthenticated_peer_is_dropped_before_its_body_is_read(gateway, wha
 
 def test_a_400_mb_body_is_refused_with_bounded_memory(gateway):
     port, key, proc = gateway
-    before, seen = _peak_rss(proc), len(_Upstream.seen)
+    before, seen = _memory(proc), len(_Upstream.seen)
     sock = _request(port, _signed(key), length=400 << 20)
     sent = 0
     try:
@@ -158,7 +159,7 @@ def test_a_400_mb_body_is_refused_with_bounded_memory(gateway):
     except OSError:
         pass
     assert _answer(sock)[0] == 413
-    assert _peak_rss(proc) - before < 32 << 20  # never buffered
+    assert _memory(proc) - before < 32 << 20  # never buffered
     assert len(_Upstream.seen) == seen
 
 
@@ -229,13 +230,6 @@ def test_a_key_off_the_allow_list_gets_flowers_activation_refusal(gateway):
     assert answer.startswith(b"HTTP/1.1 412") and b"Failed to activate SuperNode" in answer
 
 
-def _rss(proc: subprocess.Popen) -> int:
-    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_a_closed_tls_connection_frees_its_memory_at_once(tmp_path):
     # The header deadline's timer held each connection's protocol and TLS state for
     # the idle timeout after it closed: short connections grew the gateway by about
@@ -264,9 +258,9 @@ def test_a_closed_tls_connection_frees_its_memory_at_once(tmp_path):
         wait_for_port(proc, port, 30, "the gateway")
         with ThreadPoolExecutor(50) as pool:
             assert set(pool.map(unsigned, range(100))) == {401}  # warm-up
-            before = _rss(proc)
+            before = _memory(proc, "VmRSS")
             assert set(pool.map(unsigned, range(1000))) == {401}
-            grown = _rss(proc) - before
+            grown = _memory(proc, "VmRSS") - before
     finally:
         stop_group(proc)
     assert grown < 15 << 20, f"the gateway grew by {grown >> 20} MB over 1000 connections"
