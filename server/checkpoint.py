@@ -2,7 +2,8 @@
 
 After every completed round the ServerApp replaces ``<output-dir>/checkpoint.npz``
 (temporary file, fsync, rename, so a crash leaves the previous checkpoint intact)
-with the global trainable tensors, the strategy's own state (FedAdam's moments), the
+with the global trainable tensors, the strategy's own state (its
+:meth:`~fedsilo.server.strategy_base.ReportingMixin.checkpoint_state`), the
 round number, the run's identity (the first Flower run id, which institutions' ledgers
 key their rounds by), the settings and the metrics so far. ``--resume`` continues with
 the next round; the settings must be those of the interrupted run.
@@ -21,11 +22,6 @@ from fedsilo.common.atomic import atomic_file
 
 FILE = "checkpoint.npz"
 SCHEMA = "fedsilo.checkpoint/1"
-#: Strategy attributes that carry state from round to round: FedAdam's moments (dicts
-#: by tensor name), FedAvgM's momentum (a list in tensor order) and SCAFFOLD's controls.
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "server_control", "client_controls",
-                    "node_institutions")
-_LISTS = ("momentum_vector",)
 #: Settings that may differ between the interrupted run and its resumption.
 MAY_DIFFER = ("resume", "join-timeout", "round-timeout", "straggler-timeout",
               "fused-evaluation")
@@ -107,26 +103,3 @@ def check_settings(ckpt: Checkpoint, flat: dict[str, Any], path: Path) -> None:
                           for k in differ)
         raise CheckpointError(f"--resume: {path} was written with other settings: {shown}. "
                               "Resume with the interrupted run's settings")
-
-
-def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:
-    """The strategy's round-to-round state (empty for FedAvg)."""
-    state = {}
-    for attr in STATE_ATTRIBUTES:
-        value = getattr(strategy, attr, None)
-        if value:
-            items = enumerate(value) if attr in _LISTS else value.items()
-            state[attr] = {str(k): v for k, v in items}
-    return state
-
-
-def restore_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarray]]) -> None:
-    """Put a checkpoint's strategy state back."""
-    for attr, tensors in state.items():
-        if attr not in STATE_ATTRIBUTES or not hasattr(strategy, attr):
-            raise CheckpointError(f"--resume: the checkpoint holds {attr!r} state that strategy "
-                                  f"{type(strategy).__name__} does not use")
-        if attr in _LISTS:
-            setattr(strategy, attr, [tensors[str(i)] for i in range(len(tensors))])
-        else:
-            setattr(strategy, attr, dict(tensors))

@@ -33,7 +33,7 @@ from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConf
 from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
-from fedsilo.server.replies import ReportingMixin
+from fedsilo.server.strategy_base import ReportingMixin
 
 log = logging.getLogger(__name__)
 

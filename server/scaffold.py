@@ -26,8 +26,8 @@ from flwr.serverapp.strategy import FedAvgM
 
 from fedsilo.common import journal
 from fedsilo.common.wire import CORRECTION_KEY, named_arrays
-from fedsilo.server.replies import ReportingMixin
 from fedsilo.server.report import institution_name
+from fedsilo.server.strategy_base import ReportingMixin
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class ReportingScaffold(ReportingMixin, FedAvgM):
     """
 
     fold_updates = True
+    state_attributes = {"momentum_vector": list, "server_control": dict,
+                        "client_controls": dict, "node_institutions": dict}
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)

@@ -132,7 +132,7 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
     if fed.resume:
         ckpt = checkpoint.load(out)
         checkpoint.check_settings(ckpt, cfg.to_flat(), out / checkpoint.FILE)
-        checkpoint.restore_strategy_state(strategy, ckpt.strategy_state)
+        strategy.restore_checkpoint_state(ckpt.strategy_state)
         report.resume(ckpt.metrics)
         first, run_key = ckpt.server_round + 1, ckpt.run_key
         arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in ckpt.arrays.items()})
@@ -148,7 +148,7 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
         report.finish_round(server_round)
         tracker.update(report.doc)
         checkpoint.save(out, checkpoint.Checkpoint(
-            server_round, run_key, tensors, checkpoint.strategy_state(strategy),
+            server_round, run_key, tensors, strategy.checkpoint_state(),
             cfg.to_flat(), report.doc))
 
     patient = PatientGrid(

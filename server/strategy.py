@@ -15,9 +15,9 @@ from flwr.serverapp.strategy import (
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.server.client_dp import build_client_level_strategy
 from fedsilo.server.gate import Gate, load_roster
-from fedsilo.server.replies import ReportingMixin
 from fedsilo.server.report import RunReport
 from fedsilo.server.scaffold import ReportingScaffold
+from fedsilo.server.strategy_base import ReportingMixin
 
 
 def _mean_train_loss(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -41,12 +41,14 @@ class ReportingFedAvgM(ReportingMixin, FedAvgM):
     """FedAvg with server momentum on the averaged update, reporting each institution."""
 
     fold_updates = True
+    state_attributes = {"momentum_vector": list}
 
 
 class ReportingFedAdam(ReportingMixin, FedAdam):
     """FedAdam (server-side Adam on the averaged update), reporting each institution."""
 
     fold_updates = True
+    state_attributes = {"m_t": dict, "v_t": dict}
 
 
 class ReportingMedian(ReportingMixin, FedMedian):

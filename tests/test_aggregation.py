@@ -7,7 +7,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.server import checkpoint
 from fedsilo.server.report import RunReport
 from fedsilo.server.strategy import build_strategy
 
@@ -107,10 +106,10 @@ def test_fedavgm_folded_on_arrival_equals_flowers_and_its_momentum_survives_a_re
         expected = flower.aggregate_train(server_round, [Message(c, reply_to=Message(
             RecordDict(), dst_node_id=1, message_type="train")) for c in originals])[0]
         if server_round == 2:  # the coordinator restarts: a new strategy from the checkpoint
-            state = checkpoint.strategy_state(first)
+            state = first.checkpoint_state()
             assert list(state) == ["momentum_vector"]
             first = ours()
-            checkpoint.restore_strategy_state(first, state)
+            first.restore_checkpoint_state(state)
         first.configure_train(server_round, got, ConfigRecord(), grid=_NoGrid())
         got = first.aggregate_train(server_round, [first.absorb(r) for r in replies])[0]
         for key, value in _numpy(got).items():

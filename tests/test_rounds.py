@@ -10,10 +10,12 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from fedsilo.common import atomic
-from fedsilo.common.config import FederationConfig
+from fedsilo.common.config import FederationConfig, FedsiloConfig
 from fedsilo.server import checkpoint
+from fedsilo.server.report import RunReport
 from fedsilo.server.rounds import run_rounds
 from fedsilo.server.secagg import SecAggFedAvg
+from fedsilo.server.strategy import build_strategy
 from fedsilo.server.waiting import SUPERLINK_NODE_ID, Missing, PatientGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
@@ -118,15 +120,15 @@ def test_checkpoint_round_trip_and_strategy_state(tmp_path: Path):
     assert (back.server_round, back.run_key, back.metrics) == (2, 7, {"rounds": [{"round": 0}]})
     np.testing.assert_array_equal(back.arrays["w"], np.arange(4, dtype=np.float32))
 
-    class Adam:
-        m_t: dict = {}
-        v_t: dict = {}
+    def strategy(name: str):  # each strategy owns the state its checkpoint keeps
+        cfg = FedsiloConfig.from_flat({"output-dir": str(tmp_path), "strategy": name})
+        return build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=3))
 
-    adam = Adam()
-    checkpoint.restore_strategy_state(adam, back.strategy_state)
-    assert checkpoint.strategy_state(adam)["v_t"]["w"].tolist() == [2.0] * 4
+    adam = strategy("fedadam")
+    adam.restore_checkpoint_state(back.strategy_state)
+    assert adam.checkpoint_state()["v_t"]["w"].tolist() == [2.0] * 4
     with pytest.raises(checkpoint.CheckpointError, match="does not use"):
-        checkpoint.restore_strategy_state(object(), back.strategy_state)
+        strategy("fedavg").restore_checkpoint_state(back.strategy_state)
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch):

@@ -122,10 +122,10 @@ def test_a_rejected_update_leaves_the_controls_unchanged_and_resume_keeps_them(t
     for key, value in before.items():
         np.testing.assert_array_equal(strategy.client_controls[key], value)
 
-    checkpoint.save(tmp_path, checkpoint.Checkpoint(2, 7, x, checkpoint.strategy_state(
-        strategy), cfg.to_flat(), {}))
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(2, 7, x, strategy.checkpoint_state(),
+                                                     cfg.to_flat(), {}))
     resumed = _strategy(cfg, tmp_path)
-    checkpoint.restore_strategy_state(resumed, checkpoint.load(tmp_path).strategy_state)
+    resumed.restore_checkpoint_state(checkpoint.load(tmp_path).strategy_state)
     sent = [{m.metadata.dst_node_id: _correction(m)["w"] for m in s.configure_train(
         3, _arrays(x), ConfigRecord(), _Grid([1, 2]))} for s in (strategy, resumed)]
     assert sent[0].keys() == sent[1].keys() == {1, 2}

@@ -1,4 +1,4 @@
-"""What every fedsilo strategy does with replies: gate, report and fold them as they arrive."""
+"""The base of every fedsilo strategy: gate, report and fold replies; own the checkpointed state."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from fedsilo.common.bounds import (
 )
 from fedsilo.common.config import PrivacyConfig, TrainConfig
 from fedsilo.common.wire import named_arrays
+from fedsilo.server.checkpoint import CheckpointError
 from fedsilo.server.gate import Admission, Gate, load_roster
 from fedsilo.server.report import RunReport
 
@@ -102,6 +103,9 @@ class ReportingMixin:
     """
 
     fold_updates = False
+    #: The strategy's attributes that carry state from round to round, which the
+    #: checkpoint keeps: ``dict`` (by tensor name) or ``list`` (in tensor order).
+    state_attributes: Mapping[str, type] = {}
 
     def __init__(self, *, report: RunReport, train: TrainConfig, privacy: PrivacyConfig,
                  gate: Gate | None = None, **kwargs: object) -> None:
@@ -193,6 +197,31 @@ class ReportingMixin:
                                        state.seconds + time.perf_counter() - started)
         self._state = None
         return arrays, metrics
+
+    def checkpoint_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """The round-to-round state (:attr:`state_attributes`) to checkpoint; {} for FedAvg."""
+        state = {}
+        for attr, kind in self.state_attributes.items():
+            if value := getattr(self, attr, None):
+                items = enumerate(value) if kind is list else value.items()
+                state[attr] = {str(k): v for k, v in items}
+        return state
+
+    def restore_checkpoint_state(self, saved: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Put back the state :meth:`checkpoint_state` gave.
+
+        Raises
+        ------
+        CheckpointError
+            When ``saved`` holds state this strategy does not keep.
+        """
+        for attr, tensors in saved.items():
+            kind = self.state_attributes.get(attr)
+            if kind is None:
+                raise CheckpointError(f"--resume: the checkpoint holds {attr!r} state that "
+                                      f"strategy {type(self).__name__} does not use")
+            setattr(self, attr, [tensors[str(i)] for i in range(len(tensors))]
+                    if kind is list else dict(tensors))
 
     def on_accepted(self, reply: Message, sent: dict[str, np.ndarray]) -> None:
         """An accepted update (decoded, before it is folded); SCAFFOLD reads it here."""
