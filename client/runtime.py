@@ -70,9 +70,10 @@ def _task_retries() -> RetryInvoker:
     Flower's invoker belongs to a one-task ``flwr-clientapp``: a task the SuperNode no
     longer accepts (401: its token expired with the run; 403: the run stopped) ends the
     whole process, by SIGINT or a ``BaseException``. Here such a reply ends the task
-    only, as an ``httpx.HTTPStatusError``, and a SuperNode that stays silent ends it
-    after :data:`TASK_RETRY_SECONDS`; the runtime goes on to the next task (a coordinator
-    that restarts mid-round must find every institution still there).
+    only, at its next call to the SuperNode (a training under way runs to its end), as
+    an ``httpx.HTTPStatusError``; a SuperNode that stays silent ends it after
+    :data:`TASK_RETRY_SECONDS`. The runtime goes on to the next task (a coordinator that
+    restarts mid-round must find every institution still there).
     """
     retries = make_simple_http_retry_invoker()
     retries.should_giveup = lambda err: (isinstance(err, httpx.HTTPStatusError)
@@ -152,11 +153,8 @@ def run_task(address: str, token: str, ledger_dir: Path) -> bool:
     finally:
         if beats.is_running:
             beats.stop()
-        try:  # the task's status: best effort, the SuperNode may have dropped it already
-            push_task_output(client=client, context=context, sub_status=status,
-                             details=details)
-        except httpx.HTTPError as err:
-            log.warning("runtime API: the task's status was not taken (%s)", err)
+        # Best effort (Flower logs a refusal): the SuperNode may have dropped the task.
+        push_task_output(client=client, context=context, sub_status=status, details=details)
         client.close()
     return ran
 

@@ -255,10 +255,12 @@ def protocol(idle_timeout: float) -> type[H11Protocol]:
             self._deadline = self.loop.call_later(idle_timeout, self._headers_due, transport)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            # The timer holds the protocol and its TLS transport: cancel it with the
+            # Timers hold the protocol and its TLS transport: cancel them with the
             # connection, or every closed connection's memory stays for ``idle_timeout``.
+            # uvicorn cancels its keep-alive timer only on a clean close, not on a reset.
             self._deadline.cancel()
             super().connection_lost(exc)
+            self._unset_keepalive_if_required()
 
         def _headers_due(self, transport: asyncio.Transport) -> None:
             if self.cycle is None and not transport.is_closing():
