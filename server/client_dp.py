@@ -7,14 +7,17 @@ institution's participation, not a record, and the coordinator itself sees the
 clipped updates before noise: see docs/privacy.md.
 
 The noise multiplier is calibrated with Flower's own RDP accountant for the whole
-planned run; the same accountant reports the ε spent after every round.
+planned run; the same accountant reports the ε spent after every round, and its
+releases go into the checkpoint, so a resumed run goes on counting from them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import (
@@ -33,6 +36,7 @@ from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConf
 from fedsilo.common.bounds import default_delta
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
+from fedsilo.server.checkpoint import CheckpointError
 from fedsilo.server.strategy_base import ReportingMixin
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,25 @@ def calibrate_noise(cfg: FedsiloConfig, tolerance: float = 1e-3) -> float:
 
 class _ReportingClientLevel(ReportingMixin):
     """Mixin: report replies and, after each release, the accountant's ε."""
+
+    state_attributes = {"accountant_releases": dict}
+
+    @property
+    def accountant_releases(self) -> dict[str, np.ndarray]:
+        """Flower's accountant state (every release so far) as JSON, for the checkpoint."""
+        return {"json": np.array(json.dumps(self.accountant.state_dict()))}  # type: ignore[attr-defined]
+
+    @accountant_releases.setter
+    def accountant_releases(self, saved: dict[str, np.ndarray]) -> None:
+        self.accountant.load_state_dict(json.loads(str(saved["json"])))  # type: ignore[attr-defined]
+
+    def restore_checkpoint_state(self, saved: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Put back the checkpoint's state; refuse one without the accountant's releases."""
+        if "accountant_releases" not in saved:
+            raise CheckpointError("--resume: the checkpoint of this client-level DP run does "
+                                  "not hold the accountant's releases (written by an earlier "
+                                  "fedsilo), so its ε cannot go on from them; start a new run")
+        super().restore_checkpoint_state(saved)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
         ArrayRecord | None, MetricRecord | None

@@ -6,6 +6,8 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import (
@@ -105,7 +107,7 @@ class ReportingMixin:
     fold_updates = False
     #: The strategy's attributes that carry state from round to round, which the
     #: checkpoint keeps: ``dict`` (by tensor name) or ``list`` (in tensor order).
-    state_attributes: Mapping[str, type] = {}
+    state_attributes: ClassVar[Mapping[str, type]] = MappingProxyType({})
 
     def __init__(self, *, report: RunReport, train: TrainConfig, privacy: PrivacyConfig,
                  gate: Gate | None = None, **kwargs: object) -> None:
@@ -220,8 +222,12 @@ class ReportingMixin:
             if kind is None:
                 raise CheckpointError(f"--resume: the checkpoint holds {attr!r} state that "
                                       f"strategy {type(self).__name__} does not use")
-            setattr(self, attr, [tensors[str(i)] for i in range(len(tensors))]
-                    if kind is list else dict(tensors))
+            try:
+                setattr(self, attr, [tensors[str(i)] for i in range(len(tensors))]
+                        if kind is list else dict(tensors))
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"--resume: the checkpoint's {attr!r} state cannot be "
+                                      f"restored ({err})") from None
 
     def on_accepted(self, reply: Message, sent: dict[str, np.ndarray]) -> None:
         """An accepted update (decoded, before it is folded); SCAFFOLD reads it here."""

@@ -14,7 +14,10 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from fedsilo.client.policy import PolicyError, institution_config
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
+from fedsilo.server import checkpoint
 from fedsilo.server.client_dp import calibrate_noise, new_accountant
+from fedsilo.server.report import RunReport
+from fedsilo.server.strategy import build_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simulations" / "run_simulation.py"
@@ -84,3 +87,28 @@ def test_client_level_federation_reports_flowers_epsilon(tiny_bert, tmp_path):
     for r in (1, 2):
         assert set(doc["rounds"][r]["institutions"]) == {"institution-0", "institution-1"}
     assert np.isfinite(doc["rounds"][2]["centralized_eval"]["loss"])
+
+
+def test_a_resumed_client_level_run_goes_on_counting_the_releases_before_it(tmp_path):
+    # The accountant was not checkpointed: after --resume its ε restarted from 0, and
+    # Flower's max-epsilon guard with it, so a resumed run could spend its budget again.
+    cfg = FedsiloConfig.from_flat({"dp-level": "client", "target-epsilon": 4,
+                                   "num-rounds": 6, "min-available": 2, "min-train": 2,
+                                   "output-dir": str(tmp_path)})
+
+    def strategy():
+        return build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=6))
+
+    first = strategy()
+    event = GaussianPrivacyEvent(noise_multiplier=first.noise_multiplier, sample_size=2,
+                                 population_size=2)
+    first.accountant.compose(event, count=3)  # three rounds released
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(3, 7, {"w": np.zeros(2)},
+                                                    first.checkpoint_state(), {}, {}))
+    resumed = strategy()
+    resumed.restore_checkpoint_state(checkpoint.load(tmp_path).strategy_state)
+    assert resumed.privacy_spent().num_releases == 3
+    assert resumed.privacy_spent().epsilon == pytest.approx(first.privacy_spent().epsilon)
+    assert resumed.privacy_spent().epsilon > 0
+    with pytest.raises(checkpoint.CheckpointError, match="accountant's releases"):
+        strategy().restore_checkpoint_state({})  # a checkpoint written without them
