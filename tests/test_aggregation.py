@@ -5,10 +5,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from support import strategy_for
 
 from fedsilo.common.config import FedsiloConfig
-from fedsilo.server.report import RunReport
-from fedsilo.server.strategy import build_strategy
 
 RNG = np.random.default_rng(0)
 SENT = {"w": RNG.normal(size=(8, 5)).astype(np.float32),
@@ -39,7 +38,7 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("strategy_name", ["fedavg", "fedadam"])
 def test_updates_folded_on_arrival_equal_flowers_aggregate(strategy_name, tmp_path):
     cfg = FedsiloConfig.from_flat({"output-dir": str(tmp_path), "strategy": strategy_name})
-    strategy = build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=1))
+    strategy = strategy_for(cfg, tmp_path)
     sent = ArrayRecord({k: Array(v) for k, v in SENT.items()})
     strategy.configure_train(1, sent, ConfigRecord(), grid=_NoGrid())
     replies = [_reply(i, n) for i, n in enumerate((100, 300, 50))]
@@ -66,7 +65,7 @@ def test_updates_folded_on_arrival_equal_flowers_aggregate(strategy_name, tmp_pa
 
 def test_replies_not_seen_on_arrival_are_folded_at_aggregation(tmp_path):
     cfg = FedsiloConfig.from_flat({"output-dir": str(tmp_path)})
-    strategy = build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=1))
+    strategy = strategy_for(cfg, tmp_path)
     strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in SENT.items()}),
                              ConfigRecord(), grid=_NoGrid())
     replies = [_reply(i, 10 * (i + 1)) for i in range(3)]
@@ -90,7 +89,7 @@ def test_fedavgm_folded_on_arrival_equals_flowers_and_its_momentum_survives_a_re
                                    "server-momentum": 0.5})
 
     def ours():
-        return build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=2))
+        return strategy_for(cfg, tmp_path)
 
     flower = FedAvgM(server_momentum=0.5)
     rounds = [[_reply(i, n) for i, n in enumerate((100, 300, 50))] for _ in range(2)]

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+from support import strategy_for
 
 from fedsilo.client.policy import PolicyError, institution_config
 from fedsilo.common.config import FedsiloConfig
 from fedsilo.common.wire import UNIFORM_WEIGHT_KEY
 from fedsilo.server import checkpoint
 from fedsilo.server.client_dp import calibrate_noise, new_accountant
-from fedsilo.server.report import RunReport
-from fedsilo.server.strategy import build_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simulations" / "run_simulation.py"
@@ -97,7 +96,7 @@ def test_a_resumed_client_level_run_goes_on_counting_the_releases_before_it(tmp_
                                    "output-dir": str(tmp_path)})
 
     def strategy():
-        return build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=6))
+        return strategy_for(cfg, tmp_path)
 
     first = strategy()
     event = GaussianPrivacyEvent(noise_multiplier=first.noise_multiplier, sample_size=2,

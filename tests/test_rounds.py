@@ -8,14 +8,13 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
+from support import strategy_for
 
 from fedsilo.common import atomic
 from fedsilo.common.config import FederationConfig, FedsiloConfig
 from fedsilo.server import checkpoint
-from fedsilo.server.report import RunReport
 from fedsilo.server.rounds import run_rounds
 from fedsilo.server.secagg import SecAggFedAvg
-from fedsilo.server.strategy import build_strategy
 from fedsilo.server.waiting import SUPERLINK_NODE_ID, Missing, PatientGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
@@ -122,7 +121,7 @@ def test_checkpoint_round_trip_and_strategy_state(tmp_path: Path):
 
     def strategy(name: str):  # each strategy owns the state its checkpoint keeps
         cfg = FedsiloConfig.from_flat({"output-dir": str(tmp_path), "strategy": name})
-        return build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=3))
+        return strategy_for(cfg, tmp_path)
 
     adam = strategy("fedadam")
     adam.restore_checkpoint_state(back.strategy_state)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
+from support import strategy_for
 from torch.utils.data import TensorDataset
 
 from fedsilo.client import privacy
@@ -15,8 +16,6 @@ from fedsilo.common.model import load_model
 from fedsilo.common.records import LabelMap
 from fedsilo.common.wire import CORRECTION_KEY, named_arrays
 from fedsilo.server import checkpoint
-from fedsilo.server.report import RunReport
-from fedsilo.server.strategy import build_strategy
 
 LR, STEPS = 0.5, 4
 RNG = np.random.default_rng(3)
@@ -38,10 +37,6 @@ def _cfg(tmp_path, **extra):
                                     "optimizer": "sgd", "learning-rate": LR,
                                     "server-momentum": 0.0, "min-train": 2,
                                     "min-available": 2, **extra})
-
-
-def _strategy(cfg, tmp_path):
-    return build_strategy(cfg, RunReport(tmp_path, [], cfg.to_flat(), num_rounds=3))
 
 
 def _arrays(values):
@@ -77,7 +72,7 @@ def _correction(message):
 
 
 def test_controls_follow_option_two_and_each_institution_gets_its_own_correction(tmp_path):
-    strategy = _strategy(_cfg(tmp_path), tmp_path)
+    strategy = strategy_for(_cfg(tmp_path), tmp_path)
     x1 = {"w": RNG.normal(size=(3, 2)), "b": RNG.normal(size=2)}
     y = {n: {k: v - RNG.normal(scale=0.1, size=v.shape) for k, v in x1.items()} for n in (1, 2)}
     sent, x2 = _round(strategy, 1, x1, [1, 2], y)
@@ -112,7 +107,7 @@ def test_controls_follow_option_two_and_each_institution_gets_its_own_correction
 
 def test_a_rejected_update_leaves_the_controls_unchanged_and_resume_keeps_them(tmp_path):
     cfg = _cfg(tmp_path)
-    strategy = _strategy(cfg, tmp_path)
+    strategy = strategy_for(cfg, tmp_path)
     x = {"w": RNG.normal(size=(3, 2))}
     _round(strategy, 1, x, [1, 2], {n: {"w": x["w"] - 0.1 * n} for n in (1, 2)})
     before = {k: v.copy() for k, v in strategy.client_controls.items()}
@@ -124,7 +119,7 @@ def test_a_rejected_update_leaves_the_controls_unchanged_and_resume_keeps_them(t
 
     checkpoint.save(tmp_path, checkpoint.Checkpoint(2, 7, x, strategy.checkpoint_state(),
                                                      cfg.to_flat(), {}))
-    resumed = _strategy(cfg, tmp_path)
+    resumed = strategy_for(cfg, tmp_path)
     resumed.restore_checkpoint_state(checkpoint.load(tmp_path).strategy_state)
     sent = [{m.metadata.dst_node_id: _correction(m)["w"] for m in s.configure_train(
         3, _arrays(x), ConfigRecord(), _Grid([1, 2]))} for s in (strategy, resumed)]
@@ -135,7 +130,7 @@ def test_a_rejected_update_leaves_the_controls_unchanged_and_resume_keeps_them(t
 
 
 def test_dp_sgd_updates_are_bounded_by_the_noise_and_the_correction(tmp_path):
-    strategy = _strategy(_cfg(tmp_path, **{"batch-size": 50, "local-epochs": 1}), tmp_path)
+    strategy = strategy_for(_cfg(tmp_path, **{"batch-size": 50, "local-epochs": 1}), tmp_path)
     x = {"w": np.zeros((2, 2))}
     # Bound: 2 · steps · lr · (C · (n + 10 σ) / batch + |c − c_i|) = 2·2·0.5·(110/50) = 4.4
     _round(strategy, 1, x, [1, 2], {1: {"w": x["w"] + 4.3}, 2: {"w": x["w"] + 4.5}})
@@ -145,7 +140,7 @@ def test_dp_sgd_updates_are_bounded_by_the_noise_and_the_correction(tmp_path):
 
 
 def test_sgd_without_dp_has_no_coordinate_bound_but_still_rejects_nan(tmp_path):
-    strategy = _strategy(_cfg(tmp_path, dp=False), tmp_path)
+    strategy = strategy_for(_cfg(tmp_path, dp=False), tmp_path)
     x = {"w": np.zeros((2, 2))}
     _round(strategy, 1, x, [1, 2], {1: {"w": x["w"] + 1e4}, 2: {"w": np.full((2, 2), np.inf)}})
     rejected = strategy.report.doc["rounds"][-1]["failures"]
