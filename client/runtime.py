@@ -24,11 +24,13 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
@@ -82,6 +84,36 @@ def _task_retries() -> RetryInvoker:
     return retries
 
 
+class StalledTask(RuntimeError):
+    """The SuperNode made none of a task's message objects available in time."""
+
+
+def _stall_guard(pull: Callable[[PullObjectRequest], PullObjectResponse],
+                 seconds: float) -> Callable[[PullObjectRequest], PullObjectResponse]:
+    """``pull`` (PullObject) that gives up once no object became available for ``seconds``.
+
+    Flower 1.42's SuperNode creates a task before it pulls the message's objects from the
+    SuperLink, and leaves it behind when the run stops meanwhile ("not in `RUNNING`
+    status. Ignoring message"): the objects never come, and Flower's pull waits up to two
+    hours while this runtime, which takes one task at a time, holds back every later one
+    (a resumed run's first). A slow link still delivers objects one by one, which resets
+    the clock.
+    """
+    last = time.monotonic()
+
+    def guarded(request: PullObjectRequest) -> PullObjectResponse:
+        nonlocal last
+        response = pull(request)
+        if response.object_available:
+            last = time.monotonic()
+        elif time.monotonic() - last > seconds:
+            raise StalledTask(f"no object of the task's message became available for "
+                              f"{seconds:.0f} s (a message of a run that stopped)")
+        return response
+
+    return guarded
+
+
 def _client(address: str, token: str | None = None,
             secret: bytes | None = None) -> RuntimeHttpClient:
     """A runtime API client: with a task's ``token``, or signing AcquireTask with ``secret``."""
@@ -91,10 +123,13 @@ def _client(address: str, token: str | None = None,
     if secret:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
                                                          protected_methods=_ACQUIRE))
-    return RuntimeHttpClient.from_server_address(
+    client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=interceptors,
         retry_invoker=_task_retries() if token else make_simple_http_retry_invoker())
+    if token:
+        client.PullObject = _stall_guard(client.PullObject, TASK_RETRY_SECONDS)  # type: ignore[method-assign]
+    return client
 
 
 def _heartbeat(client: RuntimeHttpClient) -> HeartbeatSender:
