@@ -45,44 +45,17 @@ from pydantic import (
     model_validator,
 )
 
+from fedsilo.common import deid_recognizers
 from fedsilo.common.atomic import write_json_atomic
+from fedsilo.common.deid_recognizers import PERSON, entity_kind
 from fedsilo.common.records import TextRecords
 
 log = logging.getLogger(__name__)
 
 #: Kinds found by patterns alone, in the order reports list them.
 PATTERN_KINDS = ("email", "phone", "url", "ip", "date", "card", "ssn", "id")
-#: Person names: only with a local named-entity model (``ner-model``).
-PERSON = "person"
 Kind = Literal["email", "phone", "url", "ip", "date", "card", "ssn", "id", "person"]
 ALL_KINDS: tuple[str, ...] = (*PATTERN_KINDS, PERSON)
-
-#: Presidio entity types → fedsilo kind.
-_ENTITY_KIND = {"EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone", "URL": "url",
-                "IP_ADDRESS": "ip", "DATE_TIME": "date", "CREDIT_CARD": "card",
-                "US_SSN": "ssn", "IBAN_CODE": "id", "RECORD_ID": "id", "PERSON": PERSON}
-_CUSTOM_PREFIX = "CUSTOM_"
-_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
-          r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?")
-_DAY = r"(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?"
-#: Dates written with month names (Presidio's own patterns are numeric).
-_DATE_PATTERNS = (
-    ("month day year", rf"\b{_MONTH}\s+{_DAY},?\s+(?:19|20)\d\d\b"),
-    ("day month year", rf"\b{_DAY}\s+(?:of\s+)?{_MONTH},?\s+(?:19|20)\d\d\b"),
-    ("month year", rf"\b{_MONTH}\s+(?:19|20)\d\d\b"),
-)
-_ID_LABEL = (r"(?:mrn|medical\s+record(?:\s+(?:number|no\.?|#))?|patient\s+(?:id|number|no\.?)"
-             r"|account(?:\s+(?:number|no\.?|#))?|acct\.?|policy\s+(?:number|no\.?|#)"
-             r"|member\s+id|case\s+(?:number|no\.?)|id)")
-#: ID-like numbers: a value after an identifier label, or a long run of digits.
-_ID_PATTERNS = (
-    ("labelled identifier", rf"(?<=\b{_ID_LABEL}\s*[:#]?\s*)(?=[a-z-]*\d)[a-z0-9][a-z0-9-]{{3,}}\b",
-     0.6),
-    ("long number", r"\b[a-z]{0,3}-?\d{6,}\b", 0.3),
-)
-#: North American numbers shaped like a phone number, valid or not (e.g. 555-01xx).
-_PHONE_SHAPE = r"(?<![\w-])(?:\+?1[-. ])?\(?[2-9]\d\d\)?[-. ]?[2-9]\d\d[-. ]\d{4}\b"
-
 
 class DeidentifyError(ValueError):
     """The de-identification settings are unusable; the message names the key and the fix."""
@@ -251,7 +224,10 @@ class Scrubber:
         """
         from presidio_anonymizer import AnonymizerEngine
 
-        return (*_analyzer(self.settings), AnonymizerEngine())
+        settings = self.settings
+        return (*deid_recognizers.analyzer(
+            settings.kinds, [(p.name, p.regex) for p in settings.patterns],
+            settings.ner_model), AnonymizerEngine())
 
     def scrub(self, text: str) -> tuple[str, Counter[str]]:
         """Return ``text`` with identifiers replaced, and the count of each kind replaced."""
@@ -266,7 +242,7 @@ class Scrubber:
                 r.start += 1
         from presidio_anonymizer.entities import ConflictResolutionStrategy, OperatorConfig
 
-        kinds = {r.entity_type: _kind(r.entity_type) for r in found}
+        kinds = {r.entity_type: entity_kind(r.entity_type) for r in found}
         operators = {e: OperatorConfig("replace", {"new_value": placeholder(k)})
                      for e, k in kinds.items()}
         result = anonymizer.anonymize(
@@ -276,9 +252,10 @@ class Scrubber:
 
     @functools.cached_property
     def key(self) -> str:
-        """SHA-256 of what decides the output: settings, this module and Presidio's version."""
+        """SHA-256 of what decides the output: settings, this code and Presidio's version."""
         digest = hashlib.sha256(self.settings.model_dump_json().encode("utf-8"))
         digest.update(Path(__file__).read_bytes())
+        digest.update(Path(deid_recognizers.__file__).read_bytes())
         for package in ("presidio-analyzer", "presidio-anonymizer", "phonenumbers"):
             digest.update(f"{package}={metadata.version(package)}".encode())
         return digest.hexdigest()
@@ -333,83 +310,3 @@ def _load_json(path: Path | None) -> dict[str, Any] | None:
     log.warning("de-identification cache %s is unreadable (%s); scrubbing again", path,
                 doc if isinstance(doc, Exception) else "not a cache file")
     return None
-
-
-def _kind(entity: str) -> str:
-    return entity[len(_CUSTOM_PREFIX):].lower() if entity.startswith(_CUSTOM_PREFIX) \
-        else _ENTITY_KIND[entity]
-
-
-def _analyzer(settings: DeidSettings) -> tuple[Any, list[str]]:
-    """Presidio's analyzer with the recognizers for ``settings`` and the entities they find."""
-    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
-    logging.getLogger("presidio-anonymizer").setLevel(logging.WARNING)
-    from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
-    from presidio_analyzer.predefined_recognizers import (
-        CreditCardRecognizer,
-        DateRecognizer,
-        EmailRecognizer,
-        IbanRecognizer,
-        IpRecognizer,
-        PhoneRecognizer,
-        UrlRecognizer,
-        UsSsnRecognizer,
-    )
-
-    class OfflineEmailRecognizer(EmailRecognizer):
-        """Presidio's e-mail patterns without its suffix-list check.
-
-        That check (tldextract) fetches the public-suffix list over the network on first
-        use, and would let an intranet domain (``@lab.hospital.local``) through.
-        """
-
-        def validate_result(self, pattern_text: str) -> None:
-            return None
-
-    def patterns(entity: str, items: Iterable[tuple[str, str, float]]) -> PatternRecognizer:
-        return PatternRecognizer(supported_entity=entity, name=f"fedsilo {entity.lower()}",
-                                 patterns=[Pattern(n, r, s) for n, r, s in items])
-
-    by_kind: dict[str, list[object]] = {
-        "email": [OfflineEmailRecognizer()],
-        "phone": [PhoneRecognizer(), patterns("PHONE_NUMBER", [("phone shape", _PHONE_SHAPE,
-                                                                0.3)])],
-        "url": [UrlRecognizer()],
-        "ip": [IpRecognizer()],
-        "date": [DateRecognizer(), patterns("DATE_TIME", [(n, r, 0.5)
-                                                          for n, r in _DATE_PATTERNS])],
-        "card": [CreditCardRecognizer()],
-        "ssn": [UsSsnRecognizer()],
-        "id": [IbanRecognizer(), patterns("RECORD_ID", _ID_PATTERNS)],
-    }
-    recognizers = [r for kind in settings.kinds if kind != PERSON for r in by_kind[kind]]
-    for custom in settings.patterns:
-        recognizers.append(PatternRecognizer(
-            supported_entity=_CUSTOM_PREFIX + custom.name.upper(), name=f"custom {custom.name}",
-            patterns=[Pattern(custom.name, custom.regex, 1.0)], global_regex_flags=0))
-    nlp_engine = _nlp_engine(settings)
-    if PERSON in settings.kinds:
-        from presidio_analyzer.predefined_recognizers import SpacyRecognizer
-
-        recognizers.append(SpacyRecognizer(supported_entities=["PERSON"]))
-    registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
-    engine = AnalyzerEngine(nlp_engine=nlp_engine, registry=registry, supported_languages=["en"])
-    entities = sorted({e for r in recognizers for e in r.supported_entities})
-    return engine, entities
-
-
-def _nlp_engine(settings: DeidSettings) -> object:
-    """No language model unless the institution names a local spaCy folder for names."""
-    if not settings.ner_model:
-        from presidio_analyzer.nlp_engine import NoOpNlpEngine
-
-        engine = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}])
-    else:
-        from presidio_analyzer.nlp_engine import SpacyNlpEngine
-
-        # An existing folder (DeidSettings checks it): Presidio downloads only a model
-        # *name* that is neither an installed package nor a path.
-        engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": settings.ner_model}])
-    engine.load()
-    return engine
-
