@@ -25,13 +25,9 @@ from cryptography.hazmat.primitives import serialization
 
 from fedsilo.common.agreement import DEFAULT_VALID_DAYS
 from fedsilo.common.certs import outside_validity
-from fedsilo.common.config import (
-    SIMULATION_ONLY,
-    ConfigError,
-    FedsiloConfig,
-    add_config_arguments,
-)
-from fedsilo.common.config import config_overrides as typed_overrides
+from fedsilo.common.config import ConfigError, FedsiloConfig
+from fedsilo.common.config_flags import SIMULATION_ONLY, add_config_arguments
+from fedsilo.common.config_flags import config_overrides as typed_overrides
 from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer

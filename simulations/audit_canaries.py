@@ -41,9 +41,8 @@ from fedsilo.common.config import (
     DataConfig,
     FedsiloConfig,
     ModelConfig,
-    add_config_arguments,
-    config_overrides,
 )
+from fedsilo.common.config_flags import add_config_arguments, config_overrides
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, load_tokenizer, resolve_device
 from fedsilo.common.records import DataError, icd10_label_names, load_records, train_test_split

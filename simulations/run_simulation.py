@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from fedsilo.common import lengths
-from fedsilo.common.config import KEYS, ConfigError, FedsiloConfig, add_config_arguments
-from fedsilo.common.config import config_overrides as typed_overrides
+from fedsilo.common.config import KEYS, ConfigError, FedsiloConfig
+from fedsilo.common.config_flags import add_config_arguments
+from fedsilo.common.config_flags import config_overrides as typed_overrides
 from fedsilo.common.live import live_view
 from fedsilo.common.logs import configure_logging
 from fedsilo.common.model import ModelError, check_checkpoint, load_tokenizer, resolve_device

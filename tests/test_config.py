@@ -9,10 +9,9 @@ from fedsilo.common.config import (
     KEYS,
     ConfigError,
     FedsiloConfig,
-    add_config_arguments,
-    config_overrides,
     parse_labels,
 )
+from fedsilo.common.config_flags import add_config_arguments, config_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
