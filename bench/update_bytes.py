@@ -33,7 +33,7 @@ def main() -> None:
     for trainable in SETS:
         state = {k: v.numpy() for k, v in get_trainable_state(
             load_model(ModelConfig(trainable=trainable), labels, seed=0)).items()}
-        request = Request(state, {}, legacy=False)
+        request = Request(state, {})
         for dtype in ("float32", "float16"):
             out = released_arrays(request, state, state, dtype)
             size = array_record_bytes(ArrayRecord({k: Array(np.ascontiguousarray(v))

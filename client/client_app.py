@@ -12,8 +12,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsilo.client.messages import secagg_mod
 from fedsilo.client.runtime_bundle import current_origin
+from fedsilo.client.secagg import secagg_mod
 from fedsilo.common.logs import configure_logging
 
 app = ClientApp(mods=[secagg_mod])

@@ -108,7 +108,7 @@ def exact_metrics(res: EvalResult) -> dict[str, float]:
             "macro-f1": res.macro_f1}
 
 
-def released(policy: Policy, legacy: bool, evaluate: Callable[[], EvalResult],
+def released(policy: Policy, evaluate: Callable[[], EvalResult],
              open_ledger: Callable[[], Ledger], run: int, server_round: int,
              cfg: FedsiloConfig, delta: float) -> tuple[dict[str, float], dict[str, object]]:
     """What one local evaluation releases under ``policy``, and what the journal keeps.
@@ -116,12 +116,12 @@ def released(policy: Policy, legacy: bool, evaluate: Callable[[], EvalResult],
     Raises
     ------
     DeclinedError
-        If nothing may leave (not opted in, SecAgg+'s layout, over the cap or the budget).
+        If nothing may leave (not opted in, over the cap or the budget).
     """
     if policy.evaluation == "exact":  # a simulation's virtual institution
         res = evaluate()
         return exact_metrics(res), {"num_examples": res.num_examples, "accuracy": res.accuracy}
-    if policy.evaluation != "noised" or legacy:
+    if policy.evaluation != "noised":
         raise DeclinedError(NOT_RELEASED)
     metrics, epsilon = release(open_ledger(), run, server_round, cfg, delta,
                                policy.evaluation_noise, evaluate)

@@ -24,11 +24,8 @@ from fedsilo.client.agreements import check_run
 from fedsilo.client.ledger import dataset_key, keep_update
 from fedsilo.client.messages import (
     Request,
-    SecAggRangeError,
-    check_secagg_range,
     evaluate_reply,
     generic_errors,
-    name_arrays,
     read_request,
     released_arrays,
     train_reply,
@@ -53,7 +50,6 @@ from fedsilo.common.model import (
     load_model,
     resolve_device,
     set_trainable_state,
-    trainable_names,
 )
 from fedsilo.common.splits import (
     InstitutionData,
@@ -64,7 +60,6 @@ from fedsilo.common.wire import (
     EVALUATE_RECEIVED_KEY,
     RECEIVED_PREFIX,
     RUN_KEY,
-    SECAGG_RANGE_CODE,
     UNIFORM_WEIGHT_KEY,
 )
 
@@ -122,7 +117,7 @@ def _setup(request: Request, context: Context, origin: Origin, evaluate: bool = 
     if policy.dataset_id:  # the institution names its dataset: the ledger follows the name
         fingerprint = dataset_key(policy.dataset_id, [], [])
     model = load_model(cfg.model, federation_labels(cfg), cfg.train.seed)
-    received = name_arrays(request, trainable_names(model))
+    received = dict(request.arrays)
     run = int(request.config.get(RUN_KEY, context.run_id))
     check_model(cfg, int(request.config.get("server-round", 1)), evaluate, model, received,
                 _journal_dir(cfg, policy, run, data.name) / "journal.jsonl")
@@ -150,8 +145,8 @@ def _journal_dir(cfg: FedsiloConfig, policy: Policy, run: int, name: str) -> Pat
         Path(cfg.federation.output_dir) / "ledgers" / f"run-{run}" / name)
 
 
-def _release(task: _Task, request: Request, context: Context) -> dict[str, np.ndarray]:
-    """The arrays this round releases: clipped (client-level DP), range-checked (SecAgg+)."""
+def _release(task: _Task, request: Request) -> dict[str, np.ndarray]:
+    """The arrays this round releases: clipped (client-level DP), as an update or not."""
     state = {k: v.numpy() for k, v in get_trainable_state(task.model).items()}
     if KEY_CLIPPING_NORM in request.config:  # client-level DP, clipped here
         trained = list(state.values())
@@ -160,14 +155,10 @@ def _release(task: _Task, request: Request, context: Context) -> dict[str, np.nd
         state = dict(zip(state, trained, strict=True))
         log.info("%s: update clipped to L2 norm ≤ %s (client-level DP)", task.data.name,
                  request.config[KEY_CLIPPING_NORM])
-    released = released_arrays(request, state, task.received, task.cfg.federation.update_dtype)
-    if request.legacy:
-        check_secagg_range(context, list(released.values()),
-                           task.released_count)
-    return released
+    return released_arrays(request, state, task.received, task.cfg.federation.update_dtype)
 
 
-def _train_private(task: _Task, request: Request, context: Context) -> tuple[
+def _train_private(task: _Task, request: Request) -> tuple[
     TrainResult, dict[str, float], dict[str, np.ndarray]
 ]:
     """Check the budget, train with DP-SGD, and record the spend before anything leaves."""
@@ -199,11 +190,11 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
     result = train_private(task.net, task.train_set, cfg, dp_plan, ledger.restore(),
                            task.device, _correction(task, request))
     # Charged before anything is derived from the trained model: a SecAgg+ range check
-    # that fails below still tells the coordinator one bit of it, and a retry of the
-    # round finds it spent (no second training without a second charge).
+    # that fails after this handler (client.secagg) still tells the coordinator one bit
+    # of it, and a retry of the round finds it spent (answered from the replay).
     ledger.record(run, server_round, result.steps, dp_plan.sample_rate,
                   dp_plan.noise_multiplier, delta)
-    released = _release(task, request, context)
+    released = _release(task, request)
     epsilon = budget.report(ledger, dp_plan, run, task.data.name)  # this run's ε only
     dp_metrics = {"epsilon": epsilon, "delta": delta,
                   "noise-multiplier": dp_plan.noise_multiplier,
@@ -214,7 +205,7 @@ def _train_private(task: _Task, request: Request, context: Context) -> tuple[
     return result, dp_metrics, released
 
 
-def _train_without_record_dp(task: _Task, request: Request, context: Context) -> tuple[
+def _train_without_record_dp(task: _Task, request: Request) -> tuple[
     TrainResult, dict[str, float], dict[str, np.ndarray]
 ]:
     """Plain local training: DP off, or client-level DP (noise added by the coordinator)."""
@@ -224,7 +215,7 @@ def _train_without_record_dp(task: _Task, request: Request, context: Context) ->
     result = train_plain(task.net, task.train_set, task.cfg, task.device,
                          _correction(task, request))
     metrics = {"epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0, "sample-rate": 0.0}
-    return result, metrics, _release(task, request, context)
+    return result, metrics, _release(task, request)
 
 
 def _correction(task: _Task, request: Request) -> Correction | None:
@@ -271,17 +262,13 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
         started = time.perf_counter()
         record_level = task.cfg.privacy.record_level
         result, dp_metrics, released = (_train_private if record_level
-                                        else _train_without_record_dp)(task, request, context)
+                                        else _train_without_record_dp)(task, request)
         trained = time.perf_counter()
     except privacy.DeclinedError as err:
         log.warning("%s: %s", _name(context), err)
         if "task" in locals():
             _journal(task, context, request, "declined", reason=str(err))
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
-                       reply_to=msg)
-    except SecAggRangeError as err:
-        log.error("%s: %s", _name(context), err)
-        return Message(Error(code=SECAGG_RANGE_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
     n = task.released_count  # declared, else exact
     metrics = {"num-examples": n, **dp_metrics, "steps": result.steps,
@@ -298,7 +285,7 @@ def train(msg: Message, context: Context, origin: Origin) -> Message:
         metrics["seconds-local-eval"] = started - set_up
     if origin.age is not None:
         metrics["seconds-process"] = origin.age  # time before the task started
-    reply = train_reply(msg, request, task.data.name, metrics, released)
+    reply = train_reply(msg, task.data.name, metrics, released)
     _journal(task, context, request, "train", sent=journal.digest(released),
              num_examples=n, steps=result.steps,
              epsilon=None if math.isinf(metrics["epsilon"]) else metrics["epsilon"],
@@ -326,8 +313,7 @@ def evaluate_local(msg: Message, context: Context, origin: Origin) -> Message:
         log.warning("%s: %s", _name(context), err)
         return Message(Error(code=DECLINED_CODE, reason=f"{_name(context)}: {err}"),
                        reply_to=msg)
-    return evaluate_reply(msg, request, task.data.name,
-                          {**metrics, **_uniform_weight(task.cfg)})
+    return evaluate_reply(msg, task.data.name, {**metrics, **_uniform_weight(task.cfg)})
 
 
 def _released_evaluation(task: _Task, context: Context, request: Request,
@@ -341,7 +327,7 @@ def _released_evaluation(task: _Task, context: Context, request: Request,
     """
     cfg = task.cfg
     metrics, fields = evaluation.released(
-        task.policy, request.legacy, lambda: evaluate(task.net, task.test_set, task.device),
+        task.policy, lambda: evaluate(task.net, task.test_set, task.device),
         lambda: budget.open_ledger(_ledger_dir(task), task.fingerprint,
                                    cfg.privacy.accountant, task.policy),
         task.run, model_round, cfg,
@@ -357,7 +343,7 @@ def _evaluate_received(task: _Task, context: Context, request: Request) -> dict[
     Only when the train message asks (``EVALUATE_RECEIVED_KEY``); the metrics travel in
     the train reply under ``RECEIVED_PREFIX``. Runs before training changes the model.
     """
-    if request.legacy or not request.config.get(EVALUATE_RECEIVED_KEY):
+    if not request.config.get(EVALUATE_RECEIVED_KEY):
         return {}
     try:
         released = _released_evaluation(task, context, request,
@@ -375,5 +361,6 @@ def _journal(task: _Task, context: Context, request: Request, event: str,
     journal.append(_ledger_dir(task) / "journal.jsonl", event,
                    institution=task.data.name, run=task.run,
                    round=request.config.get("server-round"), dataset=task.fingerprint[:16],
-                   received=journal.digest(task.received), secure_aggregation=request.legacy,
+                   received=journal.digest(task.received),
+                   secure_aggregation=request.secure_aggregation,
                    deidentified=task.deidentify, **fields)

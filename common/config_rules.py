@@ -31,6 +31,9 @@ def cross_check(cfg: FedsiloConfig) -> None:
     if fed.secure_aggregation and fed.strategy != "fedavg":
         raise ValueError("--secure-aggregation works with --strategy fedavg only "
                          f"(got --strategy {fed.strategy})")
+    if fed.secure_aggregation and fed.min_train < 2:
+        raise ValueError("--secure-aggregation needs --min-train 2 or more: SecAgg+ hides an "
+                         "update only in a sum of several, and Flower's protocol halts with one")
     if fed.secure_aggregation and priv.client_level:
         raise ValueError("--secure-aggregation cannot be combined with --dp-level client "
                          "(Flower adds client-level noise on its newer workflow only); "
@@ -43,10 +46,8 @@ def cross_check(cfg: FedsiloConfig) -> None:
         raise ValueError("--update-dtype float16 after clipping at the institution could "
                          "round an update past --update-clipping-norm; use "
                          "--update-clipping coordinator or float32")
-    if fed.resume and (fed.secure_aggregation or priv.client_level):
-        raise ValueError("--resume is not available with --secure-aggregation or "
-                         "--dp-level client (their protocol and accountant state live in "
-                         "Flower and are not checkpointed); start a new run")
+    if fed.resume and priv.client_level:
+        raise ValueError("--resume is not available with --dp-level client; start a new run")
     if fed.strategy == "scaffold" and cfg.train.optimizer != "sgd":
         raise ValueError("--strategy scaffold corrects plain SGD steps: add --optimizer sgd "
                          "(and an SGD --learning-rate, e.g. 2 for the head)")

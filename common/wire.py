@@ -32,6 +32,9 @@ RECEIVED_PREFIX = "received-"
 #: Train-message record (``--strategy scaffold``): the institution's drift correction
 #: ``c − c_i``, float32 tensors named as the trainable ones, applied after each local step.
 CORRECTION_KEY = "scaffold-correction"
+#: Train-config key of a SecAgg+ round (:mod:`fedsilo.server.secagg`): the names of the
+#: tensors, which Flower's legacy layout sends unnamed, in their order.
+TENSOR_NAMES_KEY = "tensor-names"
 
 
 def named_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -217,12 +217,15 @@ class Gate:
         return self.roster.expected.get(name) or self.default_cap
 
     def admit_train(self, reply: Message, sent: dict[str, np.ndarray],
-                    bound: Callable[[int, Mapping[str, float | int]], float | None]
-                    ) -> Admission:
+                    bound: Callable[[int, Mapping[str, float | int]], float | None],
+                    *, masked: bool = False) -> Admission:
         """Identify, type, weigh, decode and check one training reply.
 
         ``bound(weight, metrics)`` is the largest coordinate change local training can
-        make (None: no bound). An error reply is only identified.
+        make (None: no bound). An error reply is only identified. A ``masked`` reply
+        (SecAgg+) carries no tensors — its update is inside the round's sum, weighted
+        by the count it claims — so a claim above the expected count is rejected
+        instead of clamped.
         """
         verdict = self._identify(reply)
         if verdict.reason is not None or reply.has_error():
@@ -240,6 +243,12 @@ class Gate:
             reply.content["metrics"] = MetricRecord(metrics)
             if verdict.weight == 0:
                 raise GateError("the reply claims 0 training examples")
+            if masked:
+                if verdict.clamped_from is not None:
+                    raise GateError(f"the reply claims {claimed} training examples, more "
+                                    f"than the {cap} expected; under SecAgg+ its weight "
+                                    "cannot be clamped")
+                return verdict
             if "arrays" not in reply.content.array_records:
                 raise GateError("the reply carries no tensors")
             received = decode(named_arrays(reply.content["arrays"]), sent)

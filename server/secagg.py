@@ -1,52 +1,52 @@
-"""SecAgg+ rounds: Flower's legacy workflow, where the coordinator sees only the sum.
+"""SecAgg+ as an adapter of the one round loop: the coordinator sees only the sum.
 
-Flower 1.41 offers SecAgg+ only on its legacy ``DefaultWorkflow`` + ``LegacyContext``
-path. There every institution sends its *update* (trained − received tensors), which
-Flower's ``secaggplus_mod`` multiplies by ``num_examples / max_weight``, quantizes to
-``quantization_range`` levels over ±``clipping_range`` and masks; the coordinator
-unmasks only the weighted sum and this strategy adds the resulting mean update to the
-global tensors. Institutions refuse updates outside the quantization range rather
-than let them be clipped silently (``client.messages.check_secagg_range``).
+Flower 1.42 implements SecAgg+ only as a workflow over its legacy strategy API
+(``SecAggPlusWorkflow``: four message stages per round). :class:`SecAggGrid` stands in
+for the grid of a training round: it runs that workflow once with the train messages
+the strategy configured (their tensors in Flower's legacy layout, their names in the
+config under ``TENSOR_NAMES_KEY``) and returns the same types as a plain round — one
+reply per institution carrying its metrics (its update stays masked) — and hands the
+unmasked weighted mean update to ``on_unmasked`` (the strategy folds it:
+:meth:`~fedsilo.server.strategy_base.ReportingMixin.absorb_unmasked`). Evaluation
+messages, waiting, stragglers, checkpoints and ``--resume`` are the plain round's.
+
+Each institution sends its *update* (trained − received), which Flower's
+``secaggplus_mod`` multiplies by ``num_examples / max_weight``, clips to
+±``clipping_range``, quantizes to ``quantization_range`` levels and masks; institutions
+refuse an update outside that range rather than let it be clipped silently
+(:mod:`fedsilo.client.secagg`). What SecAgg+ cannot support is refused in
+:mod:`fedsilo.common.config_rules`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
-from flwr.app import Context
-from flwr.common import (
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    Parameters,
-    Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.serverapp import Grid
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from fedsilo.common import journal
 from fedsilo.common.config import FederationConfig
-from fedsilo.common.task import EvalResult
-from fedsilo.common.wire import INSTITUTION_KEY
-from fedsilo.server.report import RunReport
-from fedsilo.server.rounds import evaluation_due
+from fedsilo.common.wire import INSTITUTION_KEY, TENSOR_NAMES_KEY
+from fedsilo.server.waiting import PatientGrid
 
 log = logging.getLogger(__name__)
 
 #: Flower's default: each coordinate maps to one of 2**22 integer levels.
 QUANTIZATION_RANGE = 2**22
 
-#: Centralized evaluation of the global tensors after a round (None = no holdout).
-Evaluator = Callable[[int, dict[str, np.ndarray]], EvalResult | None]
+#: Receives one round's unmasked weighted mean update (by tensor name) and its weight.
+OnUnmasked = Callable[[dict[str, np.ndarray], float], None]
 
 
 def error_bound(clipping_range: float, num_examples: list[int], max_weight: float,
@@ -63,119 +63,123 @@ def error_bound(clipping_range: float, num_examples: list[int], max_weight: floa
     return 3.0 * len(num_examples) * clipping_range / (quantization_range * total)
 
 
-def _error_of(failure: BaseException | tuple) -> tuple[int, str]:
-    """Code and reason of a failed reply as the legacy workflow hands it over."""
-    err = failure.args[0] if isinstance(failure, BaseException) and failure.args else failure
-    return int(getattr(err, "code", 0)), str(getattr(err, "reason", err))
+class _OneRound(LegacyStrategy):
+    """The legacy strategy Flower's workflow drives: the round's messages in, results out."""
 
+    def __init__(self, instructions: dict[int, FitIns], grid: PatientGrid, run_id: int) -> None:
+        self.instructions, self.grid, self.run_id = instructions, grid, run_id
+        self.results: list[tuple[ClientProxy, FitRes]] | None = None
 
-class SecAggFedAvg(LegacyFedAvg):
-    """FedAvg on SecAgg+ sums of updates, reporting every institution's metrics."""
-
-    def __init__(self, fed: FederationConfig, names: list[str], initial: list[np.ndarray],
-                 report: RunReport, evaluator: Evaluator) -> None:
-        def round_config(server_round: int) -> dict[str, Scalar]:
-            return {"server-round": server_round}
-
-        super().__init__(
-            fraction_fit=fed.fraction_train, fraction_evaluate=fed.fraction_train,
-            min_fit_clients=fed.min_train, min_evaluate_clients=fed.min_train,
-            min_available_clients=fed.min_available,
-            initial_parameters=ndarrays_to_parameters(initial),
-            on_fit_config_fn=round_config, on_evaluate_config_fn=round_config,
-        )
-        self.names, self.current = names, initial
-        self.report, self.evaluator = report, evaluator
-        self.last_round, self.evaluate_every = fed.num_rounds, fed.evaluate_every
-        self._finished: set[int] = set()
-
-    def finish(self, server_round: int) -> None:
-        """Close a round's report once (after federated evaluation, or when it had none)."""
-        if server_round not in self._finished and server_round >= 0:
-            self._finished.add(server_round)
-            self.report.finish_round(server_round)
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Unused: the round loop owns the global model."""
+        return None
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """Close the previous round and remember the global tensors sent out."""
-        self.finish(server_round - 1)
-        self.current = parameters_to_ndarrays(parameters)
-        return super().configure_fit(server_round, parameters, client_manager)
+        """The institutions and instructions the fedsilo strategy chose for this round."""
+        return [(GridClientProxy(node, self.grid, self.run_id), fit_ins)  # type: ignore[arg-type]
+                for node, fit_ins in self.instructions.items()]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
+        """Keep the results (each carries the unmasked mean); the global model is not ours."""
+        self.results = results
+        return None, {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: ClientManager
-                           ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Ask institutions to evaluate only in rounds where ``--evaluate-every`` says so."""
-        if not evaluation_due(server_round, self.last_round, self.evaluate_every):
-            return []
-        return super().configure_evaluate(server_round, parameters, client_manager)
+                           client_manager: ClientManager) -> list[Any]:
+        """Unused: evaluation runs on the plain round's messages."""
+        return []
 
-    def aggregate_fit(
-        self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Report every institution and add the unmasked mean update to the globals."""
-        for _, res in results:
-            self.report.record_update(server_round, str(res.metrics[INSTITUTION_KEY]),
-                                      res.metrics, 0)
-            journal.append(self.report.journal, "received", round=server_round,
-                           institution=str(res.metrics[INSTITUTION_KEY]), update="masked")
-        for failure in failures:
-            code, reason = _error_of(failure)
-            self.report.record_error(server_round, code, reason, None)
-        if not results:
-            return None, {}
-        # Every result carries the same unmasked mean update: SecAgg+ reveals only that.
-        mean_update = parameters_to_ndarrays(results[0][1].parameters)
-        self.current = [np.asarray(c + u, dtype=c.dtype)
-                        for c, u in zip(self.current, mean_update, strict=True)]
-        journal.append(self.report.journal, "unmasked", round=server_round,
-                       mean_update=journal.digest(dict(zip(self.names, mean_update,
-                                                           strict=True))))
-        return ndarrays_to_parameters(self.current), {}
+    def aggregate_evaluate(self, server_round: int, results: list[Any],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
+        """Unused."""
+        return None, {}
 
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[
-        float, dict[str, Scalar]
-    ] | None:
-        """Evaluate on the coordinator's holdout, if it has one."""
-        arrays = dict(zip(self.names, parameters_to_ndarrays(parameters), strict=True))
-        result = self.evaluator(server_round, arrays)
-        self.report.record_centralized_eval(server_round, result)
-        if server_round == 0:
-            self.finish(0)
-        if result is None:
-            return None
-        return result.loss, {"accuracy": result.accuracy, "macro-f1": result.macro_f1}
-
-    def aggregate_evaluate(
-        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
-        """Record the example-weighted mean of the local evaluations; close the round."""
-        total = sum(res.num_examples for _, res in results)
-        if total:
-            mean = {key: sum(float(res.metrics[key]) * res.num_examples
-                             for _, res in results) / total
-                    for key in ("loss", "accuracy", "macro-f1")}
-            self.report.record_federated_eval(server_round, {**mean, "num-examples": total})
-        self.finish(server_round)
-        return (mean["loss"], {}) if total else (None, {})
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        """Unused: centralized evaluation runs at the end of the plain round."""
+        return None
 
 
-def run_secagg(grid: Grid, context: Context, fed: FederationConfig, strategy: SecAggFedAvg,
-               ) -> dict[str, np.ndarray]:
-    """Run all rounds with SecAgg+ and return the final global tensors by name."""
-    legacy = LegacyContext(context=context, strategy=strategy,
-                           config=ServerConfig(num_rounds=fed.num_rounds,
-                                               round_timeout=fed.round_timeout))
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=fed.secagg_num_shares, reconstruction_threshold=fed.secagg_threshold,
-        max_weight=float(fed.secagg_max_weight), clipping_range=fed.secagg_clipping_range,
-        quantization_range=QUANTIZATION_RANGE, timeout=fed.round_timeout,
-    ))
-    log.info("SecAgg+ on: the coordinator sees only the sum of the updates "
-             "(quantization ±%g in %d levels, max weight %d)", fed.secagg_clipping_range,
-             QUANTIZATION_RANGE, fed.secagg_max_weight)
-    workflow(grid, legacy)
-    strategy.finish(fed.num_rounds)
-    return dict(zip(strategy.names, strategy.current, strict=True))
+class _StageReplies:
+    """The patient grid, keeping every error reply of the protocol's stages."""
+
+    def __init__(self, grid: PatientGrid) -> None:
+        self._grid, self.errors = grid, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.errors += [r for r in replies if r.has_error()]
+        return replies
+
+
+def _institution_reply(node: int, res: FitRes) -> Message:
+    """One institution's SecAgg+ result as a plain train reply without tensors."""
+    metrics = {k: v for k, v in res.metrics.items() if k != INSTITUTION_KEY}
+    content = RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+    if INSTITUTION_KEY in res.metrics:
+        content[INSTITUTION_KEY] = ConfigRecord({"name": str(res.metrics[INSTITUTION_KEY])})
+    asked = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=asked)  # from ``node``: the gate names it from there
+
+
+class SecAggGrid:
+    """Delegate to ``grid``; run each training round's messages through SecAgg+."""
+
+    def __init__(self, grid: PatientGrid, context: Context, fed: FederationConfig,
+                 on_unmasked: OnUnmasked) -> None:
+        self._grid, self._context, self._on_unmasked = grid, context, on_unmasked
+        self._timeout = fed.round_timeout
+        self.workflow = SecAggPlusWorkflow(
+            num_shares=fed.secagg_num_shares, reconstruction_threshold=fed.secagg_threshold,
+            max_weight=float(fed.secagg_max_weight), clipping_range=fed.secagg_clipping_range,
+            quantization_range=QUANTIZATION_RANGE, timeout=fed.round_timeout)
+        log.info("SecAgg+ on: the coordinator sees only the sum of the updates "
+                 "(quantization ±%g in %d levels, max weight %d)", fed.secagg_clipping_range,
+                 QUANTIZATION_RANGE, fed.secagg_max_weight)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        """Evaluate messages go as they are; train messages make one SecAgg+ round."""
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._secure_round(messages)
+
+    def _secure_round(self, messages: list[Message]) -> list[Message]:
+        """Run SecAgg+ for one round; return per-institution replies (metrics or errors)."""
+        arrays = messages[0].content["arrays"]
+        names = list(arrays.keys())
+        config = dict(messages[0].content["config"])
+        parameters = compat.arrayrecord_to_parameters(arrays, keep_input=True)
+        instructions = {
+            msg.metadata.dst_node_id: FitIns(parameters, {
+                **dict(msg.content["config"]), TENSOR_NAMES_KEY: names})  # type: ignore[dict-item]
+            for msg in messages}
+        stages = _StageReplies(self._grid)
+        one_round = _OneRound(instructions, stages, self._context.run_id)  # type: ignore[arg-type]
+        legacy = LegacyContext(context=self._context, strategy=one_round,
+                               config=ServerConfig(round_timeout=self._timeout))
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {Key.CURRENT_ROUND: int(config["server-round"])})
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = arrays
+        self.workflow(stages, legacy)  # type: ignore[arg-type]
+        replies = list(stages.errors)
+        if one_round.results is None:
+            log.warning("round %s: SecAgg+ halted (too few institutions stayed for the "
+                        "protocol); nothing is aggregated", config["server-round"])
+            return replies
+        replies += [_institution_reply(proxy.node_id, res)  # type: ignore[attr-defined]
+                    for proxy, res in one_round.results]
+        if one_round.results:
+            mean_update = parameters_to_ndarrays(one_round.results[0][1].parameters)
+            self._on_unmasked(dict(zip(names, mean_update, strict=True)),
+                              float(sum(res.num_examples for _, res in one_round.results)))
+        return replies

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from fedsilo.server.plots import write_artefacts
 from fedsilo.server.report import RunReport
 from fedsilo.server.report_html import class_figures, predictions, write_report
 from fedsilo.server.rounds import run_rounds
-from fedsilo.server.secagg import Evaluator, SecAggFedAvg, run_secagg
+from fedsilo.server.secagg import SecAggGrid
 from fedsilo.server.strategy import build_strategy
 from fedsilo.server.tracking import Tracker
 from fedsilo.server.waiting import PatientGrid
@@ -39,6 +40,9 @@ from fedsilo.server.waiting import PatientGrid
 log = logging.getLogger(__name__)
 
 app = ServerApp()
+
+#: Centralized evaluation of the global tensors after a round (None = no holdout).
+Evaluator = Callable[[int, dict[str, np.ndarray]], EvalResult | None]
 
 
 def _holdout(cfg: FedsiloConfig) -> TextRecords | None:
@@ -88,14 +92,8 @@ def main(grid: Grid, context: Context) -> None:
              _dp_summary(cfg), out)
     if not cfg.privacy.dp:
         log.warning("DP is OFF (--no-dp): institutions' updates carry no privacy guarantee")
-    initial = get_trainable_state(model)
-    if cfg.federation.secure_aggregation:
-        strategy = SecAggFedAvg(cfg.federation, list(initial),
-                                [t.numpy() for t in initial.values()], report, centralized)
-        final = run_secagg(grid, context, cfg.federation, strategy)
-    else:
-        final = _run_message_api(grid, cfg, report, initial, centralized, context.run_id,
-                                 tracker)
+    final = _run_rounds(grid, context, cfg, report, get_trainable_state(model), centralized,
+                        tracker)
     if not any(r["institutions"] for r in report.doc["rounds"]):
         raise RuntimeError("no institution returned an update in any round; nothing to save "
                            "(see the failures in metrics.json)")
@@ -121,14 +119,14 @@ def _dp_summary(cfg: FedsiloConfig) -> str:
     return f"{level}, target ε={cfg.privacy.target_epsilon}"
 
 
-def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
-                     initial: dict[str, torch.Tensor], centralized: Evaluator,
-                     run_id: int, tracker: Tracker) -> dict[str, np.ndarray]:
-    """Run (or resume) all rounds with a Message-API strategy; return the final tensors."""
+def _run_rounds(grid: Grid, context: Context, cfg: FedsiloConfig, report: RunReport,
+                initial: dict[str, torch.Tensor], centralized: Evaluator,
+                tracker: Tracker) -> dict[str, np.ndarray]:
+    """Run (or resume) all rounds, under SecAgg+ or not; return the final tensors."""
     fed = cfg.federation
     out = Path(fed.output_dir)
     strategy = build_strategy(cfg, report)
-    first, run_key, arrays = 1, run_id, ArrayRecord(initial)
+    first, run_key, arrays = 1, context.run_id, ArrayRecord(initial)
     if fed.resume:
         ckpt = checkpoint.load(out)
         checkpoint.check_settings(ckpt, cfg.to_flat(), out / checkpoint.FILE)
@@ -158,12 +156,14 @@ def _run_message_api(grid: Grid, cfg: FedsiloConfig, report: RunReport,
                                                    m.message_type, m.reason),
         on_late=lambda m, now: report.record_late(m.server_round, m.node_id,
                                                   m.message_type, now, m.reason),
-        on_progress=report.progress,
-        on_train_reply=getattr(strategy, "absorb", None))  # fold each update on arrival
+        on_progress=report.progress,  # fold each update on arrival (none under SecAgg+)
+        on_train_reply=None if fed.secure_aggregation else getattr(strategy, "absorb", None))
     log.info("%d institution(s) connected", patient.wait_until_joined())
     # From now on a round needs only min-train of them.
     patient.minimum, patient.flag = fed.min_train, "--min-train"
-    final = run_rounds(strategy, patient, arrays,  # type: ignore[arg-type]
+    rounds_grid = SecAggGrid(patient, context, fed, strategy.absorb_unmasked  # type: ignore[attr-defined]
+                             ) if fed.secure_aggregation else patient
+    final = run_rounds(strategy, rounds_grid, arrays,  # type: ignore[arg-type]
                        first=first, last=fed.num_rounds, run_key=run_key,
                        timeout=fed.round_timeout, evaluate_every=fed.evaluate_every,
                        end_of_round=end_of_round, fused_evaluation=fed.fused_evaluation)

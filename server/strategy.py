@@ -64,7 +64,7 @@ class ReportingTrimmedMean(ReportingMixin, FedTrimmedAvg):
 
 
 def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
-    """Create the configured strategy (Message API; SecAgg+ runs in ``server.secagg``)."""
+    """Create the configured strategy (under SecAgg+, FedAvg on the unmasked sums)."""
     fed = cfg.federation
     common: dict[str, object] = {
         "fraction_train": fed.fraction_train,
@@ -79,7 +79,8 @@ def build_strategy(cfg: FedsiloConfig, report: RunReport) -> Strategy:
     # Every reply passes the gate: names from the roster flower-server wrote, weights
     # clamped to the allow-list's expected examples (else --max-examples).
     mine: dict[str, object] = {"report": report, "train": cfg.train, "privacy": cfg.privacy,
-                               "gate": Gate(load_roster(), cfg.data.max_examples)}
+                               "gate": Gate(load_roster(), cfg.data.max_examples),
+                               "secure_aggregation": fed.secure_aggregation}
     if cfg.privacy.client_level:
         return build_client_level_strategy(cfg, common, mine)
     if fed.strategy == "scaffold":

@@ -35,8 +35,9 @@ from fedsilo.server.gate import Admission, Gate, load_roster
 from fedsilo.server.report import RunReport
 
 
-def _journal_received(report: RunReport, server_round: int, admitted: Admission) -> None:
-    """Journal one reply as received: who (authenticated), its size and hash, or its error."""
+def _journal_received(report: RunReport, server_round: int, admitted: Admission,
+                      masked: bool) -> None:
+    """Journal one reply as received: who (authenticated), its update's hash, or its error."""
     reply = admitted.reply
     node = reply.metadata.src_node_id
     if reply.has_error():
@@ -49,7 +50,8 @@ def _journal_received(report: RunReport, server_round: int, admitted: Admission)
     eps = metrics.get("epsilon") if admitted.reason is None else None
     journal.append(report.journal, "received", round=server_round, node=node,
                    institution=admitted.name,
-                   update=journal.digest(named_arrays(arrays)) if arrays is not None else None,
+                   update="masked" if masked else (
+                       journal.digest(named_arrays(arrays)) if arrays is not None else None),
                    epsilon=None if eps is None or math.isinf(float(eps)) else float(eps),
                    **({"weight": admitted.weight, "claimed_examples": admitted.clamped_from}
                       if admitted.clamped_from is not None else {}))
@@ -66,13 +68,14 @@ class _Round:
     loss: float = 0.0  # Σ weight × train-loss (of the replies that carry one)
     loss_weight: float = 0.0
     seen: set[str] = field(default_factory=set)  # message ids already absorbed
+    #: Under SecAgg+: institutions whose masked contribution the gate rejected, with why.
+    tainted: list[str] = field(default_factory=list)
     accepted: list[Message] = field(default_factory=list)  # when updates are not folded
     seconds: float = 0.0
 
     def fold(self, reply: Message, weight_key: str) -> None:
         """Add ``reply``'s update to the weighted sum and drop its tensors."""
-        metrics = reply.content["metrics"]
-        weight = float(metrics[weight_key])
+        weight = float(reply.content["metrics"][weight_key])
         for key, value in zip(reply.content["arrays"].keys(),
                               reply.content["arrays"].to_numpy_ndarrays(), strict=True):
             if key in self.sums:
@@ -80,10 +83,22 @@ class _Round:
             else:
                 self.sums[key] = weight * value.astype(np.float64)
         self.weight += weight
+        self.add_loss(reply, weight_key)
+        reply.content["arrays"] = ArrayRecord()
+
+    def add_loss(self, reply: Message, weight_key: str) -> None:
+        """Add ``reply``'s training loss, if it released one, to the weighted mean."""
+        metrics = reply.content["metrics"]
         if "train-loss" in metrics:  # optional: institutions may not release it
+            weight = float(metrics[weight_key])
             self.loss += weight * float(metrics["train-loss"])
             self.loss_weight += weight
-        reply.content["arrays"] = ArrayRecord()
+
+    def fold_sum(self, mean_update: dict[str, np.ndarray], weight: float) -> None:
+        """Take SecAgg+'s unmasked mean update as the round's whole weighted sum."""
+        self.sums = {k: weight * (self.sent[k].astype(np.float64) + v.astype(np.float64))
+                     for k, v in mean_update.items()}
+        self.weight = weight
 
     def mean(self, weight_key: str) -> Message:
         """The folded updates as one reply: their weighted mean, weighted by the total."""
@@ -110,9 +125,13 @@ class ReportingMixin:
     state_attributes: ClassVar[Mapping[str, type]] = MappingProxyType({})
 
     def __init__(self, *, report: RunReport, train: TrainConfig, privacy: PrivacyConfig,
-                 gate: Gate | None = None, **kwargs: object) -> None:
+                 gate: Gate | None = None, secure_aggregation: bool = False,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.report, self.train, self.privacy = report, train, privacy
+        # Under SecAgg+ (server.secagg) replies carry metrics only; their updates
+        # arrive as one unmasked sum (absorb_unmasked).
+        self.secure_aggregation = secure_aggregation
         self.gate = gate if gate is not None else Gate(load_roster())
         self._sent = ArrayRecord()
         self._round_number = 0
@@ -148,17 +167,22 @@ class ReportingMixin:
         state.seen.add(reply.metadata.message_id)
         admitted = self.gate.admit_train(
             reply, state.sent,
-            lambda weight, metrics: self._bound(weight, metrics, state.largest, reply))
+            lambda weight, metrics: self._bound(weight, metrics, state.largest, reply),
+            masked=self.secure_aggregation)
         reply = admitted.reply
-        _journal_received(self.report, server_round, admitted)
+        _journal_received(self.report, server_round, admitted, self.secure_aggregation)
         if reply.has_error() and admitted.reason is None:
             self.report.record_train(server_round, [reply])
         elif admitted.reason is not None:
             self._reject(server_round, admitted)
+            if self.secure_aggregation:  # its masked update is inside the round's sum
+                state.tainted.append(f"{admitted.name} ({admitted.reason})")
         else:
             self.report.record_train(server_round, [reply])
             self.on_accepted(reply, state.sent)
-            if self.fold_updates:
+            if self.secure_aggregation:
+                state.add_loss(reply, self.weighted_by_key)  # type: ignore[attr-defined]
+            elif self.fold_updates:
                 state.fold(reply, self.weighted_by_key)  # type: ignore[attr-defined]
             else:
                 state.accepted.append(reply)
@@ -188,6 +212,8 @@ class ReportingMixin:
             if reply.metadata.message_id not in state.seen or not reply.metadata.message_id:
                 self.absorb(reply)
         started = time.perf_counter()
+        if state.tainted:  # SecAgg+: a sum cannot be split to leave a contribution out
+            self._discard_sum(server_round, state)
         accepted = state.accepted
         if self.fold_updates and state.weight > 0:
             accepted = [state.mean(self.weighted_by_key)]  # type: ignore[attr-defined]
@@ -199,6 +225,22 @@ class ReportingMixin:
                                        state.seconds + time.perf_counter() - started)
         self._state = None
         return arrays, metrics
+
+    def absorb_unmasked(self, mean_update: dict[str, np.ndarray], weight: float) -> None:
+        """Take the current round's SecAgg+ sum: its unmasked mean update and total weight."""
+        state = self._current()
+        state.fold_sum(mean_update, weight)
+        journal.append(self.report.journal, "unmasked", round=self._round_number,
+                       mean_update=journal.digest(mean_update))
+
+    def _discard_sum(self, server_round: int, state: _Round) -> None:
+        """Drop a SecAgg+ sum that holds a rejected contribution; the model stays as sent."""
+        reason = ("discarded the round's SecAgg+ sum: it includes the masked update of "
+                  f"{'; '.join(state.tainted)}, which cannot be taken out of a sum")
+        self.report.record_error(server_round, 0, reason, None)
+        journal.append(self.report.journal, "discarded", round=server_round,
+                       institutions=state.tainted)
+        state.sums, state.weight = {}, 0.0
 
     def checkpoint_state(self) -> dict[str, dict[str, np.ndarray]]:
         """The round-to-round state (:attr:`state_attributes`) to checkpoint; {} for FedAvg."""

@@ -6,15 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
 from support import strategy_for
 
 from fedsilo.common import atomic
-from fedsilo.common.config import FederationConfig, FedsiloConfig
+from fedsilo.common.config import FedsiloConfig
 from fedsilo.server import checkpoint
 from fedsilo.server.rounds import run_rounds
-from fedsilo.server.secagg import SecAggFedAvg
 from fedsilo.server.waiting import SUPERLINK_NODE_ID, Missing, PatientGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a task
@@ -265,16 +262,3 @@ def test_fused_evaluation_asks_the_next_train_message_and_sends_one_evaluate_at_
         assert strategy.metrics[server_round] == [
             {"num-examples": 10 * node, "accuracy": (server_round + 1) / 10 + node / 100}
             for node in (1, 2)]
-
-
-def test_secagg_rounds_ask_for_evaluation_on_the_same_rounds():
-    class Proxy(ClientProxy):
-        get_properties = get_parameters = fit = evaluate = reconnect = None
-
-    manager = SimpleClientManager()
-    manager.register(Proxy("institution-a"))
-    fed = FederationConfig(num_rounds=5, evaluate_every=2, min_train=1, min_available=1)
-    strategy = SecAggFedAvg(fed, ["w"], [np.zeros(2)], report=None, evaluator=lambda *_: None)
-    asked = [r for r in range(1, 6)
-             if strategy.configure_evaluate(r, strategy.initial_parameters, manager)]
-    assert asked == [2, 4, 5]

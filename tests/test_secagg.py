@@ -9,17 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
 )
+from flwr.compat.common import recorddict_compat as compat
 from transformers import AutoModelForSequenceClassification
 
-from fedsilo.client import messages
+from fedsilo.client import secagg
 from fedsilo.common.config import ConfigError, FedsiloConfig
 from fedsilo.common.model import get_trainable_state, load_model
 from fedsilo.common.task import federation_labels
-from fedsilo.common.wire import DECLINED_CODE
+from fedsilo.common.wire import DECLINED_CODE, FAILED_CODE, TENSOR_NAMES_KEY
+from fedsilo.server import checkpoint
 from fedsilo.server.secagg import error_bound
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,16 +40,16 @@ def _context(clipping_range=0.5, max_weight=100.0):
 
 def test_an_update_outside_the_quantization_range_is_refused_not_clipped():
     update = [np.array([0.1, -0.2], dtype=np.float32), np.array([[0.49]], dtype=np.float32)]
-    messages.check_secagg_range(_context(), update, 100)  # within range: fine
+    secagg.check_secagg_range(_context(), update, 100)  # within range: fine
     update[1][0, 0] = -0.51
-    with pytest.raises(messages.SecAggRangeError, match="--secagg-clipping-range"):
-        messages.check_secagg_range(_context(), update, 100)
+    with pytest.raises(secagg.SecAggRangeError, match="--secagg-clipping-range"):
+        secagg.check_secagg_range(_context(), update, 100)
 
 
 def test_more_examples_than_the_max_weight_is_refused():
     update = [np.zeros(3, dtype=np.float32)]
-    with pytest.raises(messages.SecAggRangeError, match="--secagg-max-weight"):
-        messages.check_secagg_range(_context(max_weight=100.0), update, 101)
+    with pytest.raises(secagg.SecAggRangeError, match="--secagg-max-weight"):
+        secagg.check_secagg_range(_context(max_weight=100.0), update, 101)
 
 
 def test_error_replies_pass_through_the_secagg_mod(monkeypatch):
@@ -56,13 +59,28 @@ def test_error_replies_pass_through_the_secagg_mod(monkeypatch):
         _ = reply.content  # raises for an error reply, as Flower's mod does
         return reply
 
-    monkeypatch.setattr(messages, "secaggplus_mod", flower_like_mod)
-    msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({"stage": "x"})}),
-                  dst_node_id=1, message_type="train")
+    monkeypatch.setattr(secagg, "secaggplus_mod", flower_like_mod)
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(2)]), {
+        TENSOR_NAMES_KEY: ["w"], "server-round": 1}), True)  # the training stage's layout
+    content[RECORD_KEY_CONFIGS] = ConfigRecord({"stage": "x"})
+    msg = Message(content, dst_node_id=1, message_type="train")
     declined = Error(code=DECLINED_CODE, reason="hospital-a: declined: budget")
-    reply = messages.secagg_mod(msg, _context(), lambda m, c: Message(declined, reply_to=m))
+    reply = secagg.secagg_mod(msg, _context(), lambda m, c: Message(declined, reply_to=m))
     assert reply.has_error() and reply.error.code == DECLINED_CODE
     assert reply.error.reason == "hospital-a: declined: budget"
+
+
+def test_a_legacy_layout_message_outside_a_secagg_round_is_refused(monkeypatch):
+    """Only the SecAgg+ adapter translates Flower's legacy layout; nothing else reads it."""
+    from fedsilo.client import client_app, handlers
+
+    monkeypatch.setattr(handlers, "_setup", lambda *a, **k: pytest.fail("the message was read"))
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(2)]), {
+        TENSOR_NAMES_KEY: ["w"], "server-round": 1}), True)  # no SecAgg+ stage around it
+    reply = secagg.secagg_mod(Message(content, dst_node_id=1, message_type="train"),
+                              _context(), client_app.train)
+    assert reply.has_error() and reply.error.code == FAILED_CODE
+    assert "Message-API" not in reply.error.reason  # the reason stays generic
 
 
 def test_the_error_bound_shrinks_with_weight_and_grows_with_range():
@@ -84,7 +102,8 @@ def test_secagg_aggregate_equals_the_plain_weighted_mean(tiny_bert, tmp_path):
 
     Each institution keeps what it released (its update, before masking); the final
     model must equal the initial tensors plus, per round, the example-weighted mean
-    of those updates, within the quantization error bound of each round.
+    of those updates, within the quantization error bound of each round. The round is
+    the plain one's: federated (fused) evaluation every round, a checkpoint after each.
     """
     out = tmp_path / "run"
     done = subprocess.run(
@@ -92,7 +111,8 @@ def test_secagg_aggregate_equals_the_plain_weighted_mean(tiny_bert, tmp_path):
          "--model", str(tiny_bert), "--trainable", "top-k", "--top-k", "1",
          "--max-examples", "300", "--batch-size", "32", "--max-length", "16",
          "--secure-aggregation", "--secagg-max-weight", "1000", "--keep-updates",
-         "--target-epsilon", "6", "--output-dir", str(out)],
+         "--target-epsilon", "6", "--evaluate-every", "1", "--fused-evaluation",
+         "--output-dir", str(out)],
         cwd=tmp_path, text=True, capture_output=True, timeout=900, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads((out / "metrics.json").read_text())
@@ -125,6 +145,8 @@ def test_secagg_aggregate_equals_the_plain_weighted_mean(tiny_bert, tmp_path):
         for k, v in expected.items())
     assert worst <= tolerance + 1e-6, (worst, tolerance)
     assert tolerance < moved / 100  # the bound is small next to the updates themselves
+    assert all(doc["rounds"][r]["federated_eval"]["num_examples"] > 0 for r in (1, 2))
+    assert checkpoint.load(out).server_round == 2  # --resume continues from here
     # Every ledger counts each round once.
     for ledger in glob.glob(str(out / "ledgers" / "*" / "*" / "*.json")):
         rounds = [e["round"] for e in json.loads(Path(ledger).read_text())["entries"]]

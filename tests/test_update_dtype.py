@@ -21,7 +21,7 @@ def test_float16_round_trip_error_is_within_half_precision_of_the_update():
                 "b": rng.normal(0, 0.05, 32).astype(np.float32)}
     trained = {k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32)
                for k, v in received.items()}
-    request = Request(received, {}, legacy=False)
+    request = Request(received, {})
     wire = released_arrays(request, trained, received, "float16")
     assert all(a.dtype == np.float16 for a in wire.values())
     assert sum(a.nbytes for a in wire.values()) * 2 == sum(a.nbytes for a in trained.values())

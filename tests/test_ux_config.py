@@ -38,10 +38,11 @@ CROSS_CHECKS = [  # one config per check in common/config_rules.cross_check
     {"strategy": "median", "secure-aggregation": True},
     {"strategy": "trimmed-mean", "dp-level": "client"},
     {"secure-aggregation": True, "strategy": "fedadam"},
+    {"secure-aggregation": True, "min-train": 1, "min-available": 1},
     {"secure-aggregation": True, "dp-level": "client"},
     {"update-dtype": "float16", "secure-aggregation": True},
     {"update-dtype": "float16", "dp-level": "client", "strategy": "fedavg"},
-    {"resume": True, "secure-aggregation": True},
+    {"resume": True, "dp-level": "client", "strategy": "fedavg"},
     {"strategy": "scaffold"},
     {"dp-level": "client", "strategy": "fedadam"},
 ]
@@ -106,7 +107,7 @@ def test_config_source_names_flags_not_setting_keys():
 
 def test_each_command_offers_only_its_roles_settings(sim, logs):
     """flower-server has no flags for the institutions' data and split; both --help work."""
-    from fedsilo.common.config import SIMULATION_ONLY
+    from fedsilo.common.config_flags import SIMULATION_ONLY
     from fedsilo.server import cli as server_cli
 
     simulation, server = _flags(sim.build_parser()), _flags(server_parser())

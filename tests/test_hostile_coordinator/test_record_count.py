@@ -111,33 +111,46 @@ def test_a_failed_secagg_range_check_is_charged_and_not_retrained(run_cfg, tmp_p
     """The range check answers one bit about the trained update: it must cost ε, once.
 
     It used to run before the ledger record, so a coordinator could resend the round and
-    get a fresh training (and bit) each time with nothing charged.
+    get a fresh training (and bit) each time with nothing charged. The check runs in the
+    SecAgg+ adapter (client.secagg), after the handler has charged the round.
     """
     import json
 
-    from fedsilo.client.messages import SecAggRangeError
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedsilo.client import secagg
+    from fedsilo.common.wire import SECAGG_RANGE_CODE, TENSOR_NAMES_KEY
 
     monkeypatch.setattr(handlers, "check_run", lambda *a: None)
-    calls = []
+    trainings, checks = [], []
+    real_training = handlers.train_private
+    monkeypatch.setattr(handlers, "train_private",
+                        lambda *a, **k: trainings.append(1) or real_training(*a, **k))
 
     def out_of_range(*args):
-        calls.append(1)
-        raise SecAggRangeError("update outside --secagg-clipping-range")
+        checks.append(1)
+        raise secagg.SecAggRangeError("update outside --secagg-clipping-range")
 
-    monkeypatch.setattr(handlers, "_release", out_of_range)
+    monkeypatch.setattr(secagg, "check_secagg_range", out_of_range)
+    # Flower's mod around the training stage only (the key stages need real peers).
+    monkeypatch.setattr(secagg, "secaggplus_mod", lambda msg, ctx, call_next: call_next(msg, ctx))
     node = _site(tmp_path, 40)
     sent = {k: v.numpy() for k, v in get_trainable_state(
         load_model(run_cfg.model, federation_labels(run_cfg), run_cfg.train.seed)).items()}
     replies = []
     for _ in range(2):
-        msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}),
-                                  "config": ConfigRecord({"server-round": 1, RUN_KEY: 1})}),
-                      dst_node_id=7, message_type="train")
-        replies.append(client_app.train(msg, Context(
+        content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(list(sent.values())), {
+            "server-round": 1, RUN_KEY: 1, TENSOR_NAMES_KEY: list(sent)}), True)
+        content[RECORD_KEY_CONFIGS] = ConfigRecord({"stage": "collect_masked_vectors"})
+        msg = Message(content, dst_node_id=7, message_type="train")
+        replies.append(secagg.secagg_mod(msg, Context(
             run_id=1, node_id=7, node_config=node, state=RecordDict(),
-            run_config=run_cfg.to_flat())))
-    assert all(r.has_error() for r in replies)
-    assert len(calls) == 1  # the resent round was not trained again
+            run_config=run_cfg.to_flat()), client_app.train))
+    assert all(r.has_error() and r.error.code == SECAGG_RANGE_CODE for r in replies)
+    assert len(trainings) == 1  # the resent round was not trained again
+    assert len(checks) == 2  # ... and answered from the replay: the same update, the same bit
     [ledger] = Path(str(node["ledger-dir"])).glob("dataset-*.json")
     entries = json.loads(ledger.read_text())["entries"]
     assert [(e["kind"], e["round"]) for e in entries] == [("train", 1)]
