@@ -168,11 +168,13 @@ def _train_private(task: _Task, request: Request) -> tuple[
                                 task.policy)
     received = journal.digest(task.received)["sha256"]
     if ledger.has(run, server_round):
-        kept = replay.load(_ledger_dir(task), task.fingerprint, run, server_round, received)
+        kept = replay.load(_ledger_dir(task), task.fingerprint, run, server_round, received,
+                           request.secure_aggregation)
         if kept is None:
             raise privacy.DeclinedError(
                 f"declined: round {server_round} of run {run} was already trained and its "
-                "update is not kept for this global model; an update is never released twice")
+                "update is not kept for this global model and aggregation (SecAgg+ or not); "
+                "an update is never released twice")
         log.info("%s: round %d of run %d was already trained and released; sending the same "
                  "update again (no new privacy spend)", task.data.name, server_round, run)
         m = kept.metrics
@@ -201,7 +203,8 @@ def _train_private(task: _Task, request: Request) -> tuple[
                   "sample-rate": dp_plan.sample_rate}
     replay.save(_ledger_dir(task), task.fingerprint, run, replay.Release(
         server_round, received, released,
-        {**dp_metrics, "train-loss": result.loss, "steps": result.steps}))
+        {**dp_metrics, "train-loss": result.loss, "steps": result.steps},
+        request.secure_aggregation))
     return result, dp_metrics, released
 
 

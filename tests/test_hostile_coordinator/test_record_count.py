@@ -154,3 +154,41 @@ def test_a_failed_secagg_range_check_is_charged_and_not_retrained(run_cfg, tmp_p
     [ledger] = Path(str(node["ledger-dir"])).glob("dataset-*.json")
     entries = json.loads(ledger.read_text())["entries"]
     assert [(e["kind"], e["round"]) for e in entries] == [("train", 1)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_released_under_secagg_is_not_resent_in_the_clear(run_cfg, tmp_path, monkeypatch):
+    """A coordinator that asks for a SecAgg+ round again as a plain message gets no update.
+
+    The kept release used to be keyed by run, round and received model only, so the
+    plain resend returned the very update SecAgg+ had masked, in the clear.
+    """
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedsilo.client import secagg
+    from fedsilo.common.wire import DECLINED_CODE, TENSOR_NAMES_KEY
+
+    monkeypatch.setattr(handlers, "check_run", lambda *a: None)
+    monkeypatch.setattr(secagg, "check_secagg_range", lambda *a: None)
+    monkeypatch.setattr(secagg, "secaggplus_mod", lambda msg, ctx, call_next: call_next(msg, ctx))
+    node = _site(tmp_path, 40)
+    sent = {k: v.numpy() for k, v in get_trainable_state(
+        load_model(run_cfg.model, federation_labels(run_cfg), run_cfg.train.seed)).items()}
+
+    def context():
+        return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                       run_config=run_cfg.to_flat())
+
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(list(sent.values())), {
+        "server-round": 1, RUN_KEY: 1, TENSOR_NAMES_KEY: list(sent)}), True)
+    content[RECORD_KEY_CONFIGS] = ConfigRecord({"stage": "collect_masked_vectors"})
+    masked = secagg.secagg_mod(Message(content, dst_node_id=7, message_type="train"),
+                               context(), client_app.train)
+    assert not masked.has_error()
+    plain = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                                "config": ConfigRecord({"server-round": 1, RUN_KEY: 1})}),
+                    dst_node_id=7, message_type="train")
+    resent = client_app.train(plain, context())
+    assert resent.has_error() and resent.error.code == DECLINED_CODE
